@@ -1,0 +1,101 @@
+"""The `loratune` command: train, eval, chat."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+
+from .config import Config, ConfigError, field_docs, load_config, parse_overrides
+
+
+def config_reference(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per config key with its default and docstring: the CLI help and the README table."""
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += config_reference(hints[f.name], key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            lines += config_reference(type(default[0]), key + "[].")
+            continue
+        lines.append(f"  --{key}={default!r}\n      {docs.get(f.name, '')}")
+    return lines
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loratune train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a LoRA adapter. With no CONFIG, uses the shipped default (embedded model + demo data).",
+        epilog="config keys (set in YAML or as --key=value):\n" + "\n".join(config_reference()))
+    parser.add_argument("config", nargs="?", help="YAML config file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    args, rest = parser.parse_known_args(argv)
+    if args.config and args.config.startswith("--"):
+        rest, args.config = [args.config] + rest, None
+    from .train import train
+
+    cfg = load_config(args.config, parse_overrides(rest))
+    run_dir, final = train(cfg, overwrite=args.overwrite)
+    print(f"run saved to {run_dir}  (final loss {final['train_loss']:.4f}, {final['steps']} steps)")
+    print(f"next: loratune eval {run_dir}   |   loratune chat {run_dir}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune eval", description="Base model vs adapter on the run's held-out split.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--samples", type=int, default=3, help="before/after examples to print")
+    args = parser.parse_args(argv)
+    from .evaluate import evaluate
+
+    evaluate(args.run_dir, device=args.device, samples=args.samples)
+    return 0
+
+
+def _chat(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune chat", description="Chat with a trained adapter (reads stdin without a TTY).")
+    parser.add_argument("run_dir")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    from .infer import chat_loop, load
+
+    model, tok = load(args.run_dir, args.device)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "chat": _chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: loratune {train,eval,chat} ...  (loratune COMMAND --help for details)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=os.environ.get("LORATUNE_LOG", "INFO"), format="%(message)s")
+    for name in ("transformers", "peft", "absl"):  # their info logs drown ours; warnings still show
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1

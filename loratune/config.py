@@ -1,0 +1,254 @@
+"""Configuration: small dataclasses that are the single source of truth for YAML and CLI flags.
+
+Each field's docstring (the string literal under it) is its documentation; `field_docs` reads
+them back so `loratune train --help` and the README's config reference never drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that names the key and says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Alias `smollm2-135m-instruct` (embedded, offline), a hub id (`gpt2`, `EleutherAI/pythia-160m`), a local save_pretrained directory, or a `.gguf` file."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to load; ignored for local paths."""
+    dtype: str = "auto"
+    """Weight dtype: `auto` (fp32 on CPU, bf16 on GPU), `float32`, `bfloat16` or `float16`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub to run. Off by default: only turn on for repositories you trust."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    bias: str = "none"
+    """Which biases to train: `none`, `all` or `lora_only`."""
+    target_modules: Union[str, list[str]] = "auto"
+    """`auto` (per architecture), `all-linear`, or an explicit list of module names."""
+
+
+@dataclass
+class DatasetConfig:
+    path: str = "demo"
+    """`demo` (the embedded demo set) or a local `.jsonl`/`.json` file."""
+    format: str = "chat"
+    """Record format: `chat` (messages), `completion` (prompt + response) or `text`."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Map from the format's field names to your column names, e.g. `{prompt: question}`."""
+    eval_fraction: float = 0.0
+    """Fraction of records held out for evaluation when the source has no eval split."""
+    max_samples: Optional[int] = None
+    """Use at most this many training records from this dataset."""
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig()])
+    """Datasets to train on."""
+    max_length: int = 256
+    """Maximum tokens per example; longer examples are truncated (`truncation: truncate`) or dropped."""
+    truncation: str = "truncate"
+    """`truncate` or `drop` examples longer than max_length."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    num_epochs: float = 1.0
+    """Passes over the training data; ignored when max_steps is set."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 turns clipping off)."""
+    seed: int = 0
+    """Seed for random, numpy and torch (data order, LoRA init, dropout)."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`."""
+    log_every: int = 1
+    """Write the loss to metrics.jsonl every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 32
+    """Greedy generation length for exact-match and phrase-present."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapter."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    output_dir: str = "runs/latest"
+    """Directory for this run: adapter, tokenizer, resolved config, metrics.jsonl."""
+
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Read the docstring literal under each field of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, returning it (converted where lossless)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(t) for t in typing.get_args(tp))}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant.
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{full}'; {hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Turn `--train.lr=1e-4` / `--train.lr 1e-4` into (key, YAML-parsed value) pairs."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr=1e-4")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
+        pairs.append((key, yaml.safe_load(text)))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> Config:
+    """Read a YAML config (the shipped default when `path` is None), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    for key, value in overrides:
+        _apply_override(raw, key, value)
+    try:
+        return _build(Config, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,211 @@
+"""Data: read records, render them through a format into (text, trained?) segments, tokenize, batch.
+
+Every format returns segments; tokenizing each segment on its own (no special tokens added) and
+concatenating means the prompt the model trains on is token-for-token the prompt it sees at
+inference, and labels are exact: untrained segments become -100, trained ones keep their ids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .config import DataConfig, DatasetConfig
+from .demo_data import demo_splits
+
+IGNORE = -100
+Segments = list[tuple[str, bool]]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+def get_field(record: dict, path: str, where: str) -> object:
+    """Follow a field path like `answers.text[0]` into a record."""
+    value: object = record
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        try:
+            value = value[int(part[1:-1])] if part.startswith("[") else value[part]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: field '{path}' not found (record has {keys}); "
+                            f"map it in the config, e.g. fields: {{prompt: your_column}}") from None
+    return value
+
+
+def _text_field(record: dict, name: str, fields: dict[str, str], where: str) -> str:
+    value = get_field(record, fields.get(name, name), where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{fields.get(name, name)}' should be a string, got {type(value).__name__}")
+    return value
+
+
+def format_text(record: dict, tok: PreTrainedTokenizerBase, fields: dict[str, str], where: str) -> Segments:
+    return [(_text_field(record, "text", fields, where) + tok.eos_token, True)]
+
+
+def format_completion(record: dict, tok: PreTrainedTokenizerBase, fields: dict[str, str], where: str) -> Segments:
+    prompt = _text_field(record, "prompt", fields, where)
+    response = _text_field(record, "response", fields, where)
+    return [(prompt, False), (response + tok.eos_token, True)]
+
+
+def format_chat(record: dict, tok: PreTrainedTokenizerBase, fields: dict[str, str], where: str) -> Segments:
+    messages = get_field(record, fields.get("messages", "messages"), where)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise DataError(f"{where}: 'messages' should be a list of {{role, content}} objects")
+    segments: Segments = []
+    done = ""
+    for i, message in enumerate(messages):
+        trained = message["role"] == "assistant"
+        if trained:  # the generation prompt belongs to the untrained prefix, as at inference
+            prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            segments.append((prompt[len(done):], False))
+            done = prompt
+        rendered = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not rendered.startswith(done):
+            raise DataError(f"{where}: the chat template does not render turns as a growing prefix; "
+                            "use format: completion with an explicit prompt instead")
+        segments.append((rendered[len(done):], trained))
+        done = rendered
+    return [(text, trained) for text, trained in segments if text]
+
+
+# Users add a format by adding a function here: record -> [(text, trained), ...].
+FORMATS: dict[str, Callable[..., Segments]] = {"text": format_text, "completion": format_completion, "chat": format_chat}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    record: dict
+    prompt_len: int = 0
+    """Tokens before the last trained segment: the prompt for generation-based evaluation (0: none)."""
+
+
+def tokenize(segments: Segments, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int], int]:
+    """Token ids, labels, and where the last trained segment starts (the generation prompt's length)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    last_trained_start = 0
+    for text, trained in segments:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            last_trained_start = len(input_ids)
+        input_ids += ids
+        labels += ids if trained else [IGNORE] * len(ids)
+    return input_ids, labels, last_trained_start
+
+
+def read_records(ds: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """Return (train, held_out) raw records for one configured dataset."""
+    if ds.path == "demo":
+        return demo_splits(seed)
+    path = Path(ds.path)
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    records = list(_read_json_records(path))
+    if not records:
+        raise DataError(f"{path}: no records; the file is empty")
+    n_eval = int(round(len(records) * ds.eval_fraction))
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _read_json_records(path: Path) -> Iterator[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records")
+        yield from data
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        record["_where"] = f"{path}:{lineno}"
+        yield record
+
+
+def build_examples(records: list[dict], ds: DatasetConfig, tok: PreTrainedTokenizerBase, max_length: int,
+                   truncation: str) -> tuple[list[Example], dict]:
+    """Tokenize records; returns examples and counts of what was truncated or dropped."""
+    if ds.format not in FORMATS:
+        raise DataError(f"dataset {ds.path}: unknown format '{ds.format}'; known: {sorted(FORMATS)}")
+    formatter = FORMATS[ds.format]
+    examples, stats = [], {"truncated": 0, "dropped": 0}
+    for i, record in enumerate(records):
+        where = record.get("_where", f"{ds.path} record {i}")
+        input_ids, labels, prompt_len = tokenize(formatter(record, tok, ds.fields, where), tok)
+        if len(input_ids) > max_length:
+            if truncation == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels):
+            stats["dropped"] += 1
+            continue
+        examples.append(Example(input_ids, labels, record, prompt_len if prompt_len < len(input_ids) else 0))
+    return examples, stats
+
+
+def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple[list[Example], list[Example], list[str]]:
+    """Build train and held-out examples for every configured dataset; also return report lines."""
+    if cfg.truncation not in ("truncate", "drop"):
+        raise DataError(f"data.truncation: '{cfg.truncation}' should be truncate or drop")
+    train, held_out, report = [], [], []
+    for ds in cfg.datasets:
+        train_records, eval_records = read_records(ds, seed)
+        if ds.max_samples is not None:
+            train_records = train_records[: ds.max_samples]
+        tr, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation)
+        ev, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation)
+        n_tokens = sum(len(e.input_ids) for e in tr)
+        n_trained = sum(sum(label != IGNORE for label in e.labels) for e in tr)
+        report.append(f"{ds.path}: {len(tr)} train / {len(ev)} held-out examples, {n_tokens:,} tokens "
+                      f"({100 * n_trained / max(n_tokens, 1):.0f}% trained), truncated {stats['truncated']}, dropped {stats['dropped']}")
+        train += tr
+        held_out += ev
+    if not train:
+        raise DataError("no training examples after tokenization; check data.datasets and data.max_length")
+    return train, held_out, report
+
+
+def collate(examples: list[Example], pad_id: int, pad_left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a batch. Labels are padded by position with -100, so a pad id equal to EOS never hides EOS."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        cols = slice(width - n, width) if pad_left else slice(0, n)
+        ids[row, cols] = torch.tensor(e.input_ids)
+        labels[row, cols] = torch.tensor(e.labels)
+        mask[row, cols] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,167 @@
+"""Evaluation: a registry of generation metrics, token-weighted perplexity, base vs adapter side by side."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import string
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .data import Example, collate, load_data
+
+
+@dataclass(frozen=True)
+class Metric:
+    fn: Callable[[list[str], list[list[str]]], float]
+    """(predictions, references per prediction) -> score."""
+    higher_is_better: bool
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, higher_is_better: bool):
+    """Add a generation metric: `@register_metric("my_metric", higher_is_better=True)`."""
+    def wrap(fn: Callable[[list[str], list[list[str]]], float]):
+        METRICS[name] = Metric(fn, higher_is_better)
+        return fn
+    return wrap
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lowercase, drop punctuation and articles, squeeze whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+@register_metric("exact_match", higher_is_better=True)
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    hits = [any(normalize_answer(p) == normalize_answer(r) for r in refs) for p, refs in zip(predictions, references)]
+    return sum(hits) / max(len(hits), 1)
+
+
+@register_metric("phrase_present", higher_is_better=True)
+def phrase_present(predictions: list[str], phrases: list[list[str]]) -> float:
+    """Rate of outputs that contain (one of) the phrase(s), case-insensitively."""
+    hits = [any(ph.lower() in p.lower() for ph in phs) for p, phs in zip(predictions, phrases)]
+    return sum(hits) / max(len(hits), 1)
+
+
+@register_metric("bleu", higher_is_better=True)
+def bleu(predictions: list[str], references: list[list[str]]) -> float:
+    import sacrebleu
+
+    # sacrebleu wants the same number of reference streams for every prediction; repeating a
+    # reference changes neither the clipped n-gram counts nor the closest reference length.
+    width = max(len(r) for r in references)
+    streams = [[refs[min(k, len(refs) - 1)] for refs in references] for k in range(width)]
+    return sacrebleu.corpus_bleu(predictions, streams).score
+
+
+def _rouge(kind: str) -> Callable[[list[str], list[list[str]]], float]:
+    def score(predictions: list[str], references: list[list[str]]) -> float:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer([kind], use_stemmer=True)
+        values = [scorer.score_multi(refs, p)[kind].fmeasure for p, refs in zip(predictions, references)]
+        return 100 * sum(values) / max(len(values), 1)
+    return score
+
+
+for _kind in ("rouge1", "rouge2", "rougeL"):
+    register_metric(_kind, higher_is_better=True)(_rouge(_kind))
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Token-weighted perplexity over the trained tokens of `examples`."""
+    from .train import sum_token_nll
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        nll, n = sum_token_nll(model, batch)
+        total, count = total + nll.item(), count + n
+    return math.exp(total / max(count, 1))
+
+
+def reference_of(example: Example, tok: PreTrainedTokenizerBase) -> str:
+    return tok.decode(example.input_ids[example.prompt_len :], skip_special_tokens=True).strip()
+
+
+def score_generations(examples: list[Example], predictions: list[str], tok: PreTrainedTokenizerBase) -> dict[str, float]:
+    references = [[reference_of(e, tok)] for e in examples]
+    scores = {name: METRICS[name].fn(predictions, references) for name in ("exact_match", "bleu", "rougeL")}
+    with_phrase = [(p, e.record["contains"]) for p, e in zip(predictions, examples) if e.record.get("contains")]
+    if with_phrase:
+        scores["phrase_present"] = phrase_present([p for p, _ in with_phrase], [[c] for _, c in with_phrase])
+    return scores
+
+
+def evaluate(run_dir: str | Path, device: str = "auto", samples: int = 3) -> dict:
+    """Score base model and adapter side by side on the run's held-out split; write eval.json."""
+    from .infer import generate_batch, load, load_run_config
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    model, tok = load(run_dir, device)
+    _, held_out, _ = load_data(cfg.data, tok, cfg.train.seed)
+    if not held_out:
+        raise ValueError(f"{run_dir}: the run's data has no held-out split; set data.datasets[].eval_fraction")
+    generative = [e for e in held_out if e.prompt_len > 0]
+    results: dict = {}
+    for label, ctx in (("base", model.disable_adapter()), ("adapter", contextlib.nullcontext())):
+        with ctx:
+            row = {"perplexity": perplexity(model, held_out, tok.pad_token_id)}
+            predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
+                                         cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        row.update(score_generations(generative, predictions, tok))
+        by_task = defaultdict(list)
+        for e, p in zip(generative, predictions):
+            by_task[e.record.get("task", "all")].append((e, p))
+        row["by_task"] = {task: score_generations([e for e, _ in pairs], [p for _, p in pairs], tok)
+                          for task, pairs in sorted(by_task.items())}
+        row["predictions"] = predictions
+        results[label] = row
+    results["examples"] = [{"prompt": tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True),
+                            "reference": reference_of(e, tok)} for e in generative]
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    print(format_samples(results, samples))
+    return results
+
+
+def format_table(results: dict) -> str:
+    base, adapter = results["base"], results["adapter"]
+    names = ["perplexity"] + [k for k in base if k not in ("perplexity", "by_task", "predictions")]
+    lines = [f"{'metric':<28}{'base':>10}{'adapter':>10}   better", "-" * 58]
+    for name in names:
+        higher = METRICS[name].higher_is_better if name in METRICS else False
+        lines.append(f"{name:<28}{base[name]:>10.3f}{adapter[name]:>10.3f}   {'higher' if higher else 'lower'}")
+    for task in base["by_task"]:
+        for name, value in base["by_task"][task].items():
+            if name in ("exact_match", "phrase_present"):
+                lines.append(f"{task + ' / ' + name:<28}{value:>10.3f}{adapter['by_task'][task][name]:>10.3f}   higher")
+    return "\n".join(lines)
+
+
+def format_samples(results: dict, count: int) -> str:
+    lines = []
+    step = max(1, len(results["examples"]) // max(count, 1))
+    for i in list(range(0, len(results["examples"]), step))[:count]:
+        ex = results["examples"][i]
+        question = ex["prompt"].strip().splitlines()
+        lines += [f"\nQ: {question[-2] if len(question) > 1 else question[-1]}",
+                  f"  expected: {ex['reference']}",
+                  f"  base:     {results['base']['predictions'][i]}",
+                  f"  adapter:  {results['adapter']['predictions'][i]}"]
+    return "\n".join(lines)

