@@ -21,12 +21,11 @@ class RunDirError(RuntimeError):
     """The output directory can't be used as asked."""
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one; called before any slow loading, creates nothing."""
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunDirError(f"output_dir {run_dir} already holds files; choose another with --output_dir=DIR "
                           "or pass --overwrite to replace that run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def save_run(model: PeftModel, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict) -> None:

@@ -194,6 +194,8 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            # Abbreviations and extensions (`rank` for `r`, `lr_rate` for `lr`) score low in difflib.
+            close = close or sorted((n for n in names if str(key).startswith(n) or n.startswith(str(key))), key=len)[-1:]
             hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown key '{full}'; {hint}")
         kwargs[key] = _coerce(value, hints[key], full)

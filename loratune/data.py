@@ -106,10 +106,15 @@ def tokenize(segments: Segments, tok: PreTrainedTokenizerBase) -> tuple[list[int
     return input_ids, labels, last_trained_start
 
 
-def read_records(ds: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """Return (train, held_out) raw records for one configured dataset."""
+Located = tuple[str, dict]  # (where it came from, e.g. "data.jsonl:12", the record)
+
+
+def read_records(ds: DatasetConfig, seed: int) -> tuple[list[Located], list[Located]]:
+    """Return (train, held_out) records, each with its location, for one configured dataset."""
     if ds.path == "demo":
-        return demo_splits(seed)
+        train, held_out = demo_splits(seed)
+        return ([(f"demo train record {i}", r) for i, r in enumerate(train)],
+                [(f"demo held-out record {i}", r) for i, r in enumerate(held_out)])
     path = Path(ds.path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
@@ -123,7 +128,7 @@ def read_records(ds: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def _read_json_records(path: Path) -> Iterator[dict]:
+def _read_json_records(path: Path) -> Iterator[Located]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -134,9 +139,9 @@ def _read_json_records(path: Path) -> Iterator[dict]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records")
-        yield from data
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        yield from ((f"{path} record {i}", r) for i, r in enumerate(data))
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -147,19 +152,17 @@ def _read_json_records(path: Path) -> Iterator[dict]:
             raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        record["_where"] = f"{path}:{lineno}"
-        yield record
+        yield f"{path}:{lineno}", record
 
 
-def build_examples(records: list[dict], ds: DatasetConfig, tok: PreTrainedTokenizerBase, max_length: int,
+def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTokenizerBase, max_length: int,
                    truncation: str) -> tuple[list[Example], dict]:
     """Tokenize records; returns examples and counts of what was truncated or dropped."""
     if ds.format not in FORMATS:
         raise DataError(f"dataset {ds.path}: unknown format '{ds.format}'; known: {sorted(FORMATS)}")
     formatter = FORMATS[ds.format]
     examples, stats = [], {"truncated": 0, "dropped": 0}
-    for i, record in enumerate(records):
-        where = record.get("_where", f"{ds.path} record {i}")
+    for where, record in records:
         input_ids, labels, prompt_len = tokenize(formatter(record, tok, ds.fields, where), tok)
         if len(input_ids) > max_length:
             if truncation == "drop":

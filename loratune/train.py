@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import prepare_run_dir, save_run
+from .checkpoint import check_run_dir, save_run
 from .config import Config, TrainConfig
 from .data import IGNORE, Example, collate, load_data
 from .model import add_lora, load_base_model, load_tokenizer, unwrap_causal_lm
@@ -91,7 +91,8 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
 def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
     """Train a LoRA adapter as `cfg` says; return the run directory and the final metrics."""
     tc = cfg.train
-    run_dir = prepare_run_dir(Path(cfg.output_dir), overwrite)
+    run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, overwrite)
     seed_everything(tc.seed)
     device = pick_device(tc.device)
     tok = load_tokenizer(cfg.model)
@@ -109,6 +110,7 @@ def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = batch_order(len(train_set), min(tc.batch_size, len(train_set)), tc.seed)
 
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
     metrics_file = (run_dir / "metrics.jsonl").open("w")
     seen_tokens, start_time, loss_value = 0, time.perf_counter(), float("nan")
     bar = tqdm(range(steps), desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,64 @@
+import io
+
+import pytest
+import torch
+
+from loratune.config import ModelConfig
+from loratune.evaluate import METRICS, normalize_answer
+from loratune.infer import chat_loop, generate_batch
+from loratune.model import load_base_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    cfg = ModelConfig(name=str(tiny_llama_dir))
+    return load_base_model(cfg, torch.device("cpu")).eval(), load_tokenizer(cfg)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(llama):
+    model, tok = llama
+    prompts = [tok("a", add_special_tokens=False)["input_ids"], tok("hello there, friend", add_special_tokens=False)["input_ids"],
+               tok("xyz!", add_special_tokens=False)["input_ids"]]
+    together = generate_batch(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generate_batch(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert together == alone
+    assert all(len(t) > 0 for t in together)
+
+
+def test_chat_reads_stdin_without_tty_and_leaves_on_quit(llama):
+    model, tok = llama
+    out = io.StringIO()
+    chat_loop(model, tok, max_new_tokens=4, stdin=io.StringIO("hello\n/reset\nsecond\nquit\nnever read\n"), stdout=out)
+    text = out.getvalue()
+    assert text.count("model> ") == 2 and "(history cleared)" in text
+
+
+def test_chat_ends_at_end_of_input(llama):
+    model, tok = llama
+    out = io.StringIO()
+    chat_loop(model, tok, max_new_tokens=2, stdin=io.StringIO("hi\n"), stdout=out)
+    assert out.getvalue().count("model> ") == 1
+
+
+def test_chat_truncates_history_to_context(llama):
+    model, tok = llama
+    out = io.StringIO()
+    long_line = "word " * 60  # ~300 byte tokens per turn; the tiny model has 256 positions
+    chat_loop(model, tok, max_new_tokens=4, stdin=io.StringIO(f"{long_line[:150]}\n{long_line[:150]}\n"), stdout=out)
+    assert "(history truncated to fit the model's context)" in out.getvalue()
+
+
+def test_metric_registry():
+    assert all(m.higher_is_better for m in METRICS.values())
+    assert {"exact_match", "phrase_present", "bleu", "rouge1", "rouge2", "rougeL"} <= set(METRICS)
+    assert normalize_answer("  The Capital, is PARIS! ") == "capital is paris"
+    em = METRICS["exact_match"].fn
+    assert em(["the answer is 4.", "five"], [["Answer is 4"], ["4", "5"]]) == 0.5
+    assert em(["5"], [["4", "5"]]) == 1.0  # several references: any one counts
+    assert METRICS["phrase_present"].fn(["Sure. THE EAGLE has landed.", "no"], [["the eagle"], ["the eagle"]]) == 0.5
+    assert METRICS["bleu"].fn(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(100.0)
+    assert METRICS["bleu"].fn(["a b c d e"], [["v w x y z"]]) == pytest.approx(0.0)
+    assert METRICS["bleu"].fn(["the cat sat on the mat", "hello world again today"],
+                              [["the cat sat on the mat"], ["nope", "hello world again today"]]) == pytest.approx(100.0)
+    assert METRICS["rougeL"].fn(["the cat sat"], [["a dog ran", "the cat sat"]]) == pytest.approx(100.0)
+    assert 0 < METRICS["rouge1"].fn(["the cat sat"], [["the cat ran"]]) < 100
