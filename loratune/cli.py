@@ -30,6 +30,17 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[str]:
     return lines
 
 
+def write_readme_reference(readme: str = "README.md") -> None:
+    """Regenerate the config reference block of the README from the dataclasses (`make docs`)."""
+    import re
+    from pathlib import Path
+
+    path = Path(readme)
+    block = "```\n" + "\n".join(config_reference()) + "\n```"
+    text = re.sub(r"(<!-- config-reference:[^\n]*-->\n)```.*?```", lambda m: m.group(1) + block, path.read_text(), flags=re.S)
+    path.write_text(text)
+
+
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="loratune train", formatter_class=argparse.RawDescriptionHelpFormatter,

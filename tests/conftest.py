@@ -33,7 +33,8 @@ def make_tokenizer(chatml: bool) -> PreTrainedTokenizerFast:
 
 def model_config(arch: str, vocab_size: int):
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                          bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
     if arch == "gpt_neox":
         return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=128, max_position_embeddings=256)
@@ -45,7 +46,7 @@ def save_tiny(arch: str, path: Path) -> Path:
     torch.manual_seed(1234)
     tok = make_tokenizer(chatml=arch == "llama")
     cfg = model_config(arch, len(tok))
-    cfg.eos_token_id = tok.eos_token_id
+    cfg.eos_token_id = cfg.bos_token_id = tok.eos_token_id
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
