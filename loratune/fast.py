@@ -76,21 +76,22 @@ def document_mask(doc_ids: torch.Tensor) -> BlockMask | torch.Tensor:
     return create_block_mask(same_document_causal, batch, None, length, length, device=doc_ids.device, _compile=True)
 
 
-_compiled_flex = None
+# Eager flex attention is a slow reference implementation; compiled it is a fused kernel. Inside an
+# already-compiled backbone the plain function is traced into that graph instead.
+_compiled_flex = torch.compile(flex_attention)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      loratune_document_mask: BlockMask | torch.Tensor | None = None, **kwargs):
     """transformers attention function: (B, H, T, D) in, (B, T, H, D) out. Attention-probability
     dropout is not applied (flex attention has none); residual and embedding dropout still are."""
-    global _compiled_flex
     mask = loratune_document_mask
     if mask is None:
         raise RuntimeError("the packed attention path needs loratune_document_mask; call the model through loratune.fast")
     gqa = query.shape[1] != key.shape[1]
     if isinstance(mask, BlockMask):
-        _compiled_flex = _compiled_flex or torch.compile(flex_attention)  # eager flex is a slow reference
-        out = _compiled_flex(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex
+        out = attend(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                                enable_gqa=gqa)
