@@ -130,8 +130,9 @@ def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
     backbone, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
     if packed:
         use_packed_attention(model)
+    loss_fn = packed_nll
     if fast and device.type == "cuda":
-        backbone = torch.compile(backbone, dynamic=False)  # packed rows have one shape: one compilation
+        loss_fn = torch.compile(packed_nll, dynamic=False)  # packed rows have one shape: one compilation
     log.info("path: %s", "fast (packed, fused loss, compiled)" if fast else "packed" if packed else "plain (padded batches)")
 
     row_len = cfg.data.max_length if packed else None
@@ -156,7 +157,7 @@ def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
         step_nll = torch.zeros((), device=device)
         for batch, _, n_real in micro:
             with autocast:
-                nll = packed_nll(backbone, head, batch) if packed else sum_token_nll(model, batch)[0]
+                nll = loss_fn(backbone, head, batch) if packed else sum_token_nll(model, batch)[0]
             (nll / n_trained).backward()
             step_nll += nll.detach()
             seen_tokens += n_real
