@@ -102,7 +102,8 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (cuda if available), `cpu` or `cuda`."""
     log_every: int = 10
-    """Bring the loss to the host every N steps (metrics.jsonl still gets every step); fewer syncs keep the GPU busy."""
+    """On the GPU, bring the loss to the host every N steps (metrics.jsonl still gets every step): fewer syncs keep
+    the GPU busy. The CPU syncs every step."""
     fast: str = "auto"
     """GPU fast path: packing, flex attention, fused linear cross-entropy, torch.compile, fused AdamW.
     `auto` (on with CUDA), `on` or `off`."""

@@ -168,7 +168,8 @@ def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
         optimizer.zero_grad(set_to_none=True)
         pending.append((step + 1, step_nll, n_trained, scheduler.get_last_lr()[0]))
 
-        if len(pending) >= tc.log_every or step + 1 == steps:
+        # A sync costs nothing on the CPU, so there the bar moves every step; on the GPU it would stall the queue.
+        if len(pending) >= tc.log_every or step + 1 == steps or device.type == "cpu":
             elapsed = time.perf_counter() - start_time
             losses = torch.stack([p[1] for p in pending]).tolist()  # the one host sync per log interval
             for (n_step, _, n_tok, lr), total in zip(pending, losses):
