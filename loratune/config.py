@@ -53,7 +53,23 @@ class LoraConfig:
 @dataclass
 class DatasetConfig:
     path: str = "demo"
-    """`demo` (the embedded demo set) or a local `.jsonl`/`.json` file."""
+    """`demo` (the embedded demo set), a local file (.jsonl .json .csv .tsv .txt .parquet), a directory or a glob."""
+    hub: Optional[str] = None
+    """Load through `datasets.load_dataset` instead of `path`: a hub name (`squad`) or a builder (`json`, `csv`) with data_files."""
+    subset: Optional[str] = None
+    """The hub dataset's configuration name (e.g. `wikitext-103-raw-v1`)."""
+    split: str = "train"
+    """The hub split to train on."""
+    eval_split: Optional[str] = None
+    """A hub split to hold out for evaluation; without it, eval_fraction of the training records is held out."""
+    data_files: list[str] = field(default_factory=list)
+    """Files for a `datasets` builder named in `hub` (json, csv, parquet, text)."""
+    streaming: bool = False
+    """Stream the hub dataset instead of downloading it whole (use with max_samples)."""
+    text_mode: str = "lines"
+    """For .txt files: `lines` (one example per line) or `document` (the whole file is one example)."""
+    weight: float = 1.0
+    """Sampling weight: this dataset contributes weight x (its capped size) examples per epoch; >1 repeats, <1 subsamples."""
     format: str = "chat"
     """Record format: `chat` (messages), `completion` (prompt + response) or `text`."""
     fields: dict[str, str] = field(default_factory=dict)
@@ -61,7 +77,7 @@ class DatasetConfig:
     eval_fraction: float = 0.0
     """Fraction of records held out for evaluation when the source has no eval split."""
     max_samples: Optional[int] = None
-    """Use at most this many training records from this dataset."""
+    """Use at most this many training records from this dataset (overrides data.max_samples_per_dataset)."""
 
 
 @dataclass
@@ -72,6 +88,10 @@ class DataConfig:
     """Maximum tokens per example; longer examples are truncated (`truncation: truncate`) or dropped."""
     truncation: str = "truncate"
     """`truncate` or `drop` examples longer than max_length."""
+    max_samples_per_dataset: Optional[int] = 10000
+    """Default cap on training records per dataset (a random subset under the seed); null for no cap."""
+    on_bad_record: str = "error"
+    """`error` stops at the first bad record, naming file, line and field; `skip` counts and reports them instead."""
     packing: bool = False
     """Pack several examples into each row of max_length tokens; each example attends only to itself and its
     positions restart at 0. batch_size then counts rows. Always on in the fast path."""

@@ -7,25 +7,20 @@ inference, and labels are exact: untrained segments become -100, trained ones ke
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import DataConfig, DatasetConfig
 from .demo_data import demo_splits
+from .sources import DataError, Located, local_files, read_file, read_hub
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and field."""
 
 
 def get_field(record: dict, path: str, where: str) -> object:
@@ -106,64 +101,54 @@ def tokenize(segments: Segments, tok: PreTrainedTokenizerBase) -> tuple[list[int
     return input_ids, labels, last_trained_start
 
 
-Located = tuple[str, dict]  # (where it came from, e.g. "data.jsonl:12", the record)
-
-
-def read_records(ds: DatasetConfig, seed: int) -> tuple[list[Located], list[Located]]:
+def read_records(ds: DatasetConfig, seed: int, cap: int | None, bad: Callable[[DataError], None]
+                 ) -> tuple[list[Located], list[Located]]:
     """Return (train, held_out) records, each with its location, for one configured dataset."""
-    if ds.path == "demo":
-        train, held_out = demo_splits(seed)
+    if ds.hub:
+        held_out = list(read_hub(ds, ds.eval_split, None)) if ds.eval_split else []
+        records = list(read_hub(ds, ds.split, None if ds.eval_split is None and ds.eval_fraction else cap))
+    elif ds.path == "demo":
+        train, held = demo_splits(seed)
         return ([(f"demo train record {i}", r) for i, r in enumerate(train)],
-                [(f"demo held-out record {i}", r) for i, r in enumerate(held_out)])
-    path = Path(ds.path)
-    if not path.is_file():
-        raise DataError(f"dataset file not found: {path}")
-    records = list(_read_json_records(path))
+                [(f"demo held-out record {i}", r) for i, r in enumerate(held)])
+    else:
+        records = [rec for f in local_files(ds.path) for rec in read_file(f, ds.text_mode, bad)]
+        held_out = []
     if not records:
-        raise DataError(f"{path}: no records; the file is empty")
-    n_eval = int(round(len(records) * ds.eval_fraction))
+        raise DataError(f"{ds.hub or ds.path}: no records; the file is empty")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    if not held_out:
+        n_eval = int(round(len(records) * ds.eval_fraction))
+        held_out = [records[i] for i in order[:n_eval]]
+        order = order[n_eval:]
+    train = [records[i] for i in order]  # shuffled under the seed, so a cap takes a random subset
+    return train[:cap] if cap is not None else train, held_out
 
 
-def _read_json_records(path: Path) -> Iterator[Located]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        yield from ((f"{path} record {i}", r) for i, r in enumerate(data))
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield f"{path}:{lineno}", record
+def mix(examples: list[Example], weight: float, seed: int) -> list[Example]:
+    """Repeat or subsample to weight x len(examples), deterministically: whole copies, then a seeded sample."""
+    count = int(round(weight * len(examples)))
+    copies, extra = divmod(count, len(examples)) if examples else (0, 0)
+    return examples * copies + random.Random(seed).sample(examples, extra)
 
 
 def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTokenizerBase, max_length: int,
-                   truncation: str) -> tuple[list[Example], dict]:
+                   truncation: str, bad: Callable[[DataError], None] = None) -> tuple[list[Example], dict]:
     """Tokenize records; returns examples and counts of what was truncated or dropped."""
     if ds.format not in FORMATS:
         raise DataError(f"dataset {ds.path}: unknown format '{ds.format}'; known: {sorted(FORMATS)}")
     formatter = FORMATS[ds.format]
     examples, stats = [], {"truncated": 0, "dropped": 0}
     for where, record in records:
-        input_ids, labels, prompt_len = tokenize(formatter(record, tok, ds.fields, where), tok)
+        try:
+            segments = formatter(record, tok, ds.fields, where)
+        except DataError as e:
+            if bad is None:
+                raise
+            bad(e)
+            continue
+        input_ids, labels, prompt_len = tokenize(segments, tok)
         if len(input_ids) > max_length:
             if truncation == "drop":
                 stats["dropped"] += 1
@@ -178,21 +163,35 @@ def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTok
 
 
 def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple[list[Example], list[Example], list[str]]:
-    """Build train and held-out examples for every configured dataset; also return report lines."""
+    """Build the training mix and the held-out examples of every configured dataset; also return report lines."""
     if cfg.truncation not in ("truncate", "drop"):
         raise DataError(f"data.truncation: '{cfg.truncation}' should be truncate or drop")
+    if cfg.on_bad_record not in ("error", "skip"):
+        raise DataError(f"data.on_bad_record: '{cfg.on_bad_record}' should be error or skip")
     train, held_out, report = [], [], []
-    for ds in cfg.datasets:
-        train_records, eval_records = read_records(ds, seed)
-        if ds.max_samples is not None:
-            train_records = train_records[: ds.max_samples]
-        tr, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation)
-        ev, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation)
-        n_tokens = sum(len(e.input_ids) for e in tr)
-        n_trained = sum(sum(label != IGNORE for label in e.labels) for e in tr)
-        report.append(f"{ds.path}: {len(tr)} train / {len(ev)} held-out examples, {n_tokens:,} tokens "
-                      f"({100 * n_trained / max(n_tokens, 1):.0f}% trained), truncated {stats['truncated']}, dropped {stats['dropped']}")
-        train += tr
+    for index, ds in enumerate(cfg.datasets):
+        skipped: list[DataError] = []
+
+        def bad(error: DataError) -> None:
+            if cfg.on_bad_record == "error":
+                raise error
+            skipped.append(error)
+
+        cap = ds.max_samples if ds.max_samples is not None else cfg.max_samples_per_dataset
+        train_records, eval_records = read_records(ds, seed, cap, bad)
+        tr, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation, bad)
+        ev, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation, bad)
+        for e in ev:
+            e.record.setdefault("dataset", ds.hub or ds.path)
+        mixed = mix(tr, ds.weight, seed + index)
+        n_tokens = sum(len(e.input_ids) for e in mixed)
+        n_trained = sum(sum(label != IGNORE for label in e.labels) for e in mixed)
+        report.append(f"{ds.hub or ds.path}: {len(tr)} train / {len(ev)} held-out examples, weight {ds.weight:g} -> "
+                      f"{len(mixed)} in the mix, {n_tokens:,} tokens ({100 * n_trained / max(n_tokens, 1):.0f}% trained), "
+                      f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {len(skipped)} bad records")
+        if skipped:
+            report.append(f"  first skipped: {skipped[0]}")
+        train += mixed
         held_out += ev
     if not train:
         raise DataError("no training examples after tokenization; check data.datasets and data.max_length")

@@ -8,6 +8,10 @@ from conftest import write_jsonl
 CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]}
 
 
+def raise_error(error):
+    raise error
+
+
 def trained_text(tok, example):
     return tok.decode([i for i, label in zip(example.input_ids, example.labels) if label != IGNORE])
 
@@ -71,8 +75,8 @@ def test_truncate_and_drop_are_counted(tiny_gpt2_dir):
 
 def test_eval_fraction_split_is_deterministic_and_disjoint(qa_file):
     ds = DatasetConfig(path=str(qa_file), format="completion", eval_fraction=0.25)
-    train_a, held_a = read_records(ds, seed=3)
-    train_b, held_b = read_records(ds, seed=3)
+    train_a, held_a = read_records(ds, seed=3, cap=None, bad=raise_error)
+    train_b, held_b = read_records(ds, seed=3, cap=None, bad=raise_error)
     assert train_a == train_b and held_a == held_b
     assert len(held_a) == 6 and len(train_a) == 18
     assert not {r["question"] for _, r in held_a} & {r["question"] for _, r in train_a}
