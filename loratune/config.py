@@ -52,6 +52,9 @@ class LoraConfig:
 
 @dataclass
 class DatasetConfig:
+    preset: Optional[str] = None
+    """A preset (squad, ag_news, wikitext-103, ...; see loratune/presets.py): sets hub, subset, splits and format; keys you
+    set win. With data_files, only its format and column mapping apply (a local copy in the preset's layout)."""
     path: str = "demo"
     """`demo` (the embedded demo set), a local file (.jsonl .json .csv .tsv .txt .parquet), a directory or a glob."""
     hub: Optional[str] = None
@@ -78,6 +81,8 @@ class DatasetConfig:
     """Fraction of records held out for evaluation when the source has no eval split."""
     max_samples: Optional[int] = None
     """Use at most this many training records from this dataset (overrides data.max_samples_per_dataset)."""
+    weight_field: Optional[str] = None
+    """A numeric column of per-example sampling weights (like WeightedRandomSampler): rare examples can be oversampled."""
 
 
 @dataclass

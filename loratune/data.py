@@ -7,16 +7,18 @@ inference, and labels are exact: untrained segments become -100, trained ones ke
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import DataConfig, DatasetConfig
 from .demo_data import demo_splits
+from .presets import PRESETS
 from .sources import DataError, Located, local_files, read_file, read_hub
 
 IGNORE = -100
@@ -85,6 +87,8 @@ class Example:
     record: dict
     prompt_len: int = 0
     """Tokens before the last trained segment: the prompt for generation-based evaluation (0: none)."""
+    weight: float = 1.0
+    """Per-example sampling weight (from DatasetConfig.weight_field)."""
 
 
 def tokenize(segments: Segments, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int], int]:
@@ -126,15 +130,33 @@ def read_records(ds: DatasetConfig, seed: int, cap: int | None, bad: Callable[[D
     return train[:cap] if cap is not None else train, held_out
 
 
-def mix(examples: list[Example], weight: float, seed: int) -> list[Example]:
-    """Repeat or subsample to weight x len(examples), deterministically: whole copies, then a seeded sample."""
+def resolve_preset(ds: DatasetConfig) -> tuple[DatasetConfig, Optional[Callable[[dict], dict]]]:
+    """Fill the keys a preset sets, unless the config set them; return the config and the preset's row mapping."""
+    if ds.preset is None:
+        return ds, None
+    if ds.preset not in PRESETS:
+        raise DataError(f"unknown preset '{ds.preset}'; known: {', '.join(sorted(PRESETS))}")
+    preset, default = PRESETS[ds.preset], DatasetConfig()
+    filled = {"format": preset.format}
+    if not ds.data_files:  # with data_files the user points at a local copy; keep their builder and splits
+        filled.update(hub=preset.hub, subset=preset.subset, split=preset.split, eval_split=preset.eval_split)
+    return dataclasses.replace(ds, **{k: v for k, v in filled.items() if getattr(ds, k) == getattr(default, k)}), preset.build
+
+
+def mix(examples: list[Example], weight: float, seed: int, per_example: bool) -> list[Example]:
+    """Resample to weight x len(examples), deterministically under the seed. Without per-example weights: whole
+    copies, then a sample without replacement; with them: a weighted draw with replacement."""
     count = int(round(weight * len(examples)))
+    rng = random.Random(seed)
+    if per_example:
+        return rng.choices(examples, weights=[e.weight for e in examples], k=count)
     copies, extra = divmod(count, len(examples)) if examples else (0, 0)
-    return examples * copies + random.Random(seed).sample(examples, extra)
+    return examples * copies + rng.sample(examples, extra)
 
 
 def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTokenizerBase, max_length: int,
-                   truncation: str, bad: Callable[[DataError], None] = None) -> tuple[list[Example], dict]:
+                   truncation: str, bad: Callable[[DataError], None] = None,
+                   build: Optional[Callable[[dict], dict]] = None) -> tuple[list[Example], dict]:
     """Tokenize records; returns examples and counts of what was truncated or dropped."""
     if ds.format not in FORMATS:
         raise DataError(f"dataset {ds.path}: unknown format '{ds.format}'; known: {sorted(FORMATS)}")
@@ -142,6 +164,8 @@ def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTok
     examples, stats = [], {"truncated": 0, "dropped": 0}
     for where, record in records:
         try:
+            weight = _example_weight(record, ds.weight_field, where)
+            record = _apply_build(build, record, ds.preset, where)
             segments = formatter(record, tok, ds.fields, where)
         except DataError as e:
             if bad is None:
@@ -158,8 +182,27 @@ def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTok
         if all(label == IGNORE for label in labels):
             stats["dropped"] += 1
             continue
-        examples.append(Example(input_ids, labels, record, prompt_len if prompt_len < len(input_ids) else 0))
+        examples.append(Example(input_ids, labels, record, prompt_len if prompt_len < len(input_ids) else 0, weight))
     return examples, stats
+
+
+def _apply_build(build: Optional[Callable[[dict], dict]], record: dict, preset: Optional[str], where: str) -> dict:
+    if build is None:
+        return record
+    try:
+        return build(record)
+    except (KeyError, IndexError, TypeError) as e:
+        raise DataError(f"{where}: preset '{preset}' could not read this row ({type(e).__name__}: {e}); "
+                        f"it has columns {sorted(record)}") from None
+
+
+def _example_weight(record: dict, field: Optional[str], where: str) -> float:
+    if field is None:
+        return 1.0
+    value = get_field(record, field, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise DataError(f"{where}: weight field '{field}' should be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple[list[Example], list[Example], list[str]]:
@@ -170,6 +213,7 @@ def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple
         raise DataError(f"data.on_bad_record: '{cfg.on_bad_record}' should be error or skip")
     train, held_out, report = [], [], []
     for index, ds in enumerate(cfg.datasets):
+        ds, build = resolve_preset(ds)
         skipped: list[DataError] = []
 
         def bad(error: DataError) -> None:
@@ -179,14 +223,14 @@ def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple
 
         cap = ds.max_samples if ds.max_samples is not None else cfg.max_samples_per_dataset
         train_records, eval_records = read_records(ds, seed, cap, bad)
-        tr, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation, bad)
-        ev, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation, bad)
+        tr, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation, bad, build)
+        ev, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation, bad, build)
         for e in ev:
-            e.record.setdefault("dataset", ds.hub or ds.path)
-        mixed = mix(tr, ds.weight, seed + index)
+            e.record.setdefault("dataset", ds.preset or ds.hub or ds.path)
+        mixed = mix(tr, ds.weight, seed + index, per_example=ds.weight_field is not None)
         n_tokens = sum(len(e.input_ids) for e in mixed)
         n_trained = sum(sum(label != IGNORE for label in e.labels) for e in mixed)
-        report.append(f"{ds.hub or ds.path}: {len(tr)} train / {len(ev)} held-out examples, weight {ds.weight:g} -> "
+        report.append(f"{ds.preset or ds.hub or ds.path}: {len(tr)} train / {len(ev)} held-out examples, weight {ds.weight:g} -> "
                       f"{len(mixed)} in the mix, {n_tokens:,} tokens ({100 * n_trained / max(n_tokens, 1):.0f}% trained), "
                       f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {len(skipped)} bad records")
         if skipped:
