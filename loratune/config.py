@@ -95,6 +95,8 @@ class DataConfig:
     """`truncate` or `drop` examples longer than max_length."""
     max_samples_per_dataset: Optional[int] = 10000
     """Default cap on training records per dataset (a random subset under the seed); null for no cap."""
+    cache_dir: Optional[str] = "~/.cache/loratune/tokenized"
+    """Where tokenized datasets are cached (keyed by file contents, tokenizer, template, max_length); null turns it off."""
     on_bad_record: str = "error"
     """`error` stops at the first bad record, naming file, line and field; `skip` counts and reports them instead."""
     packing: bool = False

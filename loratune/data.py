@@ -11,12 +11,14 @@ import dataclasses
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import DataConfig, DatasetConfig
+from .cache import cache_key, load_entry, save_entry
 from .demo_data import demo_splits
 from .presets import PRESETS
 from .sources import DataError, Located, local_files, read_file, read_hub
@@ -91,18 +93,23 @@ class Example:
     """Per-example sampling weight (from DatasetConfig.weight_field)."""
 
 
-def tokenize(segments: Segments, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int], int]:
-    """Token ids, labels, and where the last trained segment starts (the generation prompt's length)."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    last_trained_start = 0
-    for text, trained in segments:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if trained:
-            last_trained_start = len(input_ids)
-        input_ids += ids
-        labels += ids if trained else [IGNORE] * len(ids)
-    return input_ids, labels, last_trained_start
+def tokenize(segment_lists: list[Segments], tok: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int], int]]:
+    """Per record: token ids, labels, and where the last trained segment starts (the generation prompt's length).
+    All segments of all records go through the fast tokenizer in one batched call."""
+    flat = [text for segments in segment_lists for text, _ in segments]
+    flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    out = []
+    for segments in segment_lists:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        last_trained_start = 0
+        for (_, trained), ids in zip(segments, flat_ids):
+            if trained:
+                last_trained_start = len(input_ids)
+            input_ids += ids
+            labels += ids if trained else [IGNORE] * len(ids)
+        out.append((input_ids, labels, last_trained_start))
+    return out
 
 
 def read_records(ds: DatasetConfig, seed: int, cap: int | None, bad: Callable[[DataError], None]
@@ -161,18 +168,19 @@ def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTok
     if ds.format not in FORMATS:
         raise DataError(f"dataset {ds.path}: unknown format '{ds.format}'; known: {sorted(FORMATS)}")
     formatter = FORMATS[ds.format]
-    examples, stats = [], {"truncated": 0, "dropped": 0}
+    rendered = []  # (record, weight, segments)
     for where, record in records:
         try:
             weight = _example_weight(record, ds.weight_field, where)
             record = _apply_build(build, record, ds.preset, where)
-            segments = formatter(record, tok, ds.fields, where)
+            rendered.append((record, weight, formatter(record, tok, ds.fields, where)))
         except DataError as e:
             if bad is None:
                 raise
             bad(e)
-            continue
-        input_ids, labels, prompt_len = tokenize(segments, tok)
+    examples, stats = [], {"truncated": 0, "dropped": 0}
+    tokenized = tokenize([segments for _, _, segments in rendered], tok)
+    for (record, weight, _), (input_ids, labels, prompt_len) in zip(rendered, tokenized):
         if len(input_ids) > max_length:
             if truncation == "drop":
                 stats["dropped"] += 1
@@ -205,6 +213,44 @@ def _example_weight(record: dict, field: Optional[str], where: str) -> float:
     return float(value)
 
 
+def dataset_examples(ds: DatasetConfig, build: Optional[Callable[[dict], dict]], cfg: DataConfig,
+                     tok: PreTrainedTokenizerBase, seed: int) -> dict:
+    """Tokenized train and held-out examples of one dataset, from the cache when its inputs are unchanged."""
+    skipped: list[str] = []
+
+    def bad(error: DataError) -> None:
+        if cfg.on_bad_record == "error":
+            raise error
+        skipped.append(str(error))
+
+    files = _cacheable_files(ds)
+    key = cache_key(ds, files, tok, cfg.max_length, cfg.truncation, seed) if files is not None else None
+    entry = load_entry(cfg.cache_dir, key) if key else None
+    if entry is not None:
+        return {**entry, "train": [Example(*e) for e in entry["train"]], "held_out": [Example(*e) for e in entry["held_out"]],
+                "cached": True}
+    cap = ds.max_samples if ds.max_samples is not None else cfg.max_samples_per_dataset
+    train_records, eval_records = read_records(ds, seed, cap, bad)
+    train, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation, bad, build)
+    held_out, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation, bad, build)
+    for e in held_out:
+        e.record.setdefault("dataset", ds.preset or ds.hub or ds.path)
+    entry = {"train": train, "held_out": held_out, "stats": stats, "skipped": skipped}
+    if key:
+        as_lists = {k: [dataclasses.astuple(e) for e in entry[k]] for k in ("train", "held_out")}
+        save_entry(cfg.cache_dir, key, {**entry, **as_lists})
+    return {**entry, "cached": False}
+
+
+def _cacheable_files(ds: DatasetConfig) -> Optional[list[Path]]:
+    """The files whose content the tokens depend on, or None when that can't be known (a remote hub dataset)."""
+    if ds.hub:
+        return [Path(f) for f in ds.data_files] if ds.data_files and all(Path(f).is_file() for f in ds.data_files) else None
+    if ds.path == "demo":
+        return [Path(demo_splits.__code__.co_filename)]
+    return local_files(ds.path)
+
+
 def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple[list[Example], list[Example], list[str]]:
     """Build the training mix and the held-out examples of every configured dataset; also return report lines."""
     if cfg.truncation not in ("truncate", "drop"):
@@ -214,25 +260,15 @@ def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple
     train, held_out, report = [], [], []
     for index, ds in enumerate(cfg.datasets):
         ds, build = resolve_preset(ds)
-        skipped: list[DataError] = []
-
-        def bad(error: DataError) -> None:
-            if cfg.on_bad_record == "error":
-                raise error
-            skipped.append(error)
-
-        cap = ds.max_samples if ds.max_samples is not None else cfg.max_samples_per_dataset
-        train_records, eval_records = read_records(ds, seed, cap, bad)
-        tr, stats = build_examples(train_records, ds, tok, cfg.max_length, cfg.truncation, bad, build)
-        ev, _ = build_examples(eval_records, ds, tok, cfg.max_length, cfg.truncation, bad, build)
-        for e in ev:
-            e.record.setdefault("dataset", ds.preset or ds.hub or ds.path)
+        got = dataset_examples(ds, build, cfg, tok, seed)
+        tr, ev, stats, skipped = got["train"], got["held_out"], got["stats"], got["skipped"]
         mixed = mix(tr, ds.weight, seed + index, per_example=ds.weight_field is not None)
         n_tokens = sum(len(e.input_ids) for e in mixed)
         n_trained = sum(sum(label != IGNORE for label in e.labels) for e in mixed)
         report.append(f"{ds.preset or ds.hub or ds.path}: {len(tr)} train / {len(ev)} held-out examples, weight {ds.weight:g} -> "
                       f"{len(mixed)} in the mix, {n_tokens:,} tokens ({100 * n_trained / max(n_tokens, 1):.0f}% trained), "
-                      f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {len(skipped)} bad records")
+                      f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {len(skipped)} bad records"
+                      + (" (tokenized cache)" if got["cached"] else ""))
         if skipped:
             report.append(f"  first skipped: {skipped[0]}")
         train += mixed

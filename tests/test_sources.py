@@ -102,3 +102,31 @@ def test_skip_bad_records_counts_them(tmp_path, tok):
     train, _, report = load_data(cfg, tok, seed=0)
     assert len(train) == 2
     assert "skipped 3 bad records" in report[0] and "mixed.jsonl:2: malformed JSON" in report[1]
+
+
+def test_tokenized_cache_hits_on_second_run_and_misses_when_a_file_changes(tmp_path, tok, monkeypatch):
+    import loratune.data
+
+    data = write_jsonl(tmp_path / "a.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(data), format="text", eval_fraction=0.2)],
+                     cache_dir=str(tmp_path / "cache"))
+    first, held_first, report = load_data(cfg, tok, seed=0)
+    assert "(tokenized cache)" not in report[0] and len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again although nothing changed")
+
+    monkeypatch.setattr(loratune.data, "build_examples", no_tokenizing)
+    second, held_second, report = load_data(cfg, tok, seed=0)
+    assert "(tokenized cache)" in report[0]
+    assert [(e.input_ids, e.labels, e.record) for e in second] == [(e.input_ids, e.labels, e.record) for e in first]
+    assert [e.input_ids for e in held_second] == [e.input_ids for e in held_first]
+
+    monkeypatch.undo()
+    write_jsonl(data, [{"text": f"changed {i}"} for i in range(5)])
+    changed, _, report = load_data(cfg, tok, seed=0)
+    assert "(tokenized cache)" not in report[0]
+    assert all(tok.decode(e.input_ids, skip_special_tokens=True).startswith("changed") for e in changed)
+    cfg.max_length = 4  # another max_length is another key, not a stale hit
+    short, _, _ = load_data(cfg, tok, seed=0)
+    assert all(len(e.input_ids) <= 4 for e in short)
