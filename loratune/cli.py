@@ -89,13 +89,39 @@ def _chat(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "chat": _chat}
+def _doctor(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune doctor", description="Check a config's data before training.")
+    parser.add_argument("config", nargs="?", help="YAML config file (default: the shipped one)")
+    args, rest = parser.parse_known_args(argv)
+    if args.config and args.config.startswith("--"):
+        rest, args.config = [args.config] + rest, None
+    from .doctor import doctor
+
+    return doctor(load_config(args.config, parse_overrides(rest)))
+
+
+def _prepare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune prepare", description="Turn raw lines into QA training records.")
+    parser.add_argument("raw", help="a text file, one raw line per example")
+    parser.add_argument("out", help="the .jsonl file to write")
+    parser.add_argument("--rules", required=True, help="YAML rules (see loratune/prepare.py: PrepareRules)")
+    args = parser.parse_args(argv)
+    from .prepare import load_rules, prepare
+
+    counts = prepare(args.raw, args.out, load_rules(args.rules))
+    for source, n in counts.most_common():
+        print(f"{n:6d}  {source}{'  (skipped)' if source == 'unmatched' else ''}")
+    print(f"wrote {sum(n for s, n in counts.items() if s != 'unmatched')} records to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "doctor": _doctor, "prepare": _prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: loratune {train,eval,chat} ...  (loratune COMMAND --help for details)")
+        print(f"usage: loratune {{{','.join(COMMANDS)}}} ...  (loratune COMMAND --help for details)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=os.environ.get("LORATUNE_LOG", "INFO"), format="%(message)s")
     for name in ("transformers", "peft", "absl"):  # their info logs drown ours; warnings still show

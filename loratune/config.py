@@ -265,11 +265,11 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> Config:
-    """Read a YAML config (the shipped default when `path` is None), apply overrides, validate."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def load_dataclass(path: str | Path, cls: type, overrides: list[tuple[str, Any]] = ()) -> Any:
+    """Read a YAML file into the dataclass `cls`, applying dotted overrides; errors name the file and key."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -277,9 +277,14 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     for key, value in overrides:
         _apply_override(raw, key, value)
     try:
-        return _build(Config, raw)
+        return _build(cls, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> Config:
+    """Read a YAML config (the shipped default when `path` is None), apply overrides, validate."""
+    return load_dataclass(path or DEFAULT_CONFIG, Config, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -36,7 +36,7 @@ def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
                    max_new_tokens: int, batch_size: int = 16, **generate_kwargs) -> list[str]:
     """Greedy (or as `generate_kwargs` say) completions of token-id prompts, in left-padded batches."""
     device = next(model.parameters()).device
-    outputs: list[str] = []
+    do_sample = generate_kwargs.pop("do_sample", False)  # once, not per batch: every batch samples alike
     # Sorting by length keeps padding small; results are put back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: dict[int, str] = {}
@@ -46,20 +46,21 @@ def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
         generated = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            do_sample=generate_kwargs.pop("do_sample", False), **generate_kwargs,
+            do_sample=do_sample, **generate_kwargs,
         )
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(idx):
             texts[i] = tok.decode(generated[row, width:], skip_special_tokens=True).strip()
-    outputs = [texts[i] for i in range(len(prompts))]
-    return outputs
+    return [texts[i] for i in range(len(prompts))]
 
 
 def chat_loop(model: torch.nn.Module, tok: PreTrainedTokenizerBase, system: str | None = None,
-              max_new_tokens: int = 256, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+              max_new_tokens: int = 256, stdin: TextIO | None = None, stdout: TextIO | None = None,
               **generate_kwargs) -> None:
     """A multi-turn REPL. `exit`, `quit` or end of input leave; `/reset` clears the history."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout  # looked up per call, so redirection is honoured
     interactive = stdin.isatty()
+    do_sample = generate_kwargs.pop("do_sample", False)  # once, not per turn: every turn samples alike
     context = getattr(model.config, "max_position_embeddings", 2048)
     history: list[dict] = []
     if interactive:
@@ -91,7 +92,7 @@ def chat_loop(model: torch.nn.Module, tok: PreTrainedTokenizerBase, system: str 
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=streamer,
-                                 do_sample=generate_kwargs.pop("do_sample", False), **generate_kwargs)
+                                 do_sample=do_sample, **generate_kwargs)
         reply = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})
 

@@ -62,3 +62,14 @@ def test_metric_registry():
                               [["the cat sat on the mat"], ["nope", "hello world again today"]]) == pytest.approx(100.0)
     assert METRICS["rougeL"].fn(["the cat sat"], [["a dog ran", "the cat sat"]]) == pytest.approx(100.0)
     assert 0 < METRICS["rouge1"].fn(["the cat sat"], [["the cat ran"]]) < 100
+
+
+def test_sampling_settings_apply_to_every_batch_and_turn(llama):
+    """Sampling must not silently fall back to greedy after the first batch or chat turn."""
+    model, tok = llama
+    prompt = tok("ab", add_special_tokens=False)["input_ids"]
+    greedy = generate_batch(model, tok, [prompt] * 4, max_new_tokens=8, batch_size=1)
+    torch.manual_seed(0)
+    sampled = generate_batch(model, tok, [prompt] * 4, max_new_tokens=8, batch_size=1, do_sample=True, temperature=5.0)
+    assert len(set(greedy)) == 1
+    assert len(set(sampled[1:])) > 1 or sampled[1] != greedy[1]  # later batches sample too
