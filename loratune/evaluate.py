@@ -81,8 +81,8 @@ for _kind in ("rouge1", "rouge2", "rougeL"):
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
-    """Token-weighted perplexity over the trained tokens of `examples`."""
+def nll_and_count(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """Summed NLL and count of the trained tokens of `examples` (perplexity = exp(nll / count))."""
     from .train import sum_token_nll
 
     device = next(model.parameters()).device
@@ -91,7 +91,13 @@ def perplexity(model: torch.nn.Module, examples: list[Example], pad_id: int, bat
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         nll, n = sum_token_nll(model, batch)
         total, count = total + nll.item(), count + n
-    return math.exp(total / max(count, 1))
+    return total, count
+
+
+def group_of(example: Example) -> str:
+    """Results are reported per dataset, and per task within it where records carry a `task` field."""
+    dataset, task = example.record.get("dataset", "data"), example.record.get("task")
+    return f"{dataset} / {task}" if task else dataset
 
 
 def reference_of(example: Example, tok: PreTrainedTokenizerBase) -> str:
@@ -118,18 +124,23 @@ def evaluate(run_dir: str | Path, device: str = "auto", samples: int = 3) -> dic
     if not held_out:
         raise ValueError(f"{run_dir}: the run's data has no held-out split; set data.datasets[].eval_fraction")
     generative = [e for e in held_out if e.prompt_len > 0]
+    groups = defaultdict(list)
+    for e in held_out:
+        groups[group_of(e)].append(e)
     results: dict = {}
     for label, ctx in (("base", model.disable_adapter()), ("adapter", contextlib.nullcontext())):
         with ctx:
-            row = {"perplexity": perplexity(model, held_out, tok.pad_token_id)}
+            sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
             predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
                                          cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        row.update(score_generations(generative, predictions, tok))
-        by_task = defaultdict(list)
-        for e, p in zip(generative, predictions):
-            by_task[e.record.get("task", "all")].append((e, p))
-        row["by_task"] = {task: score_generations([e for e, _ in pairs], [p for _, p in pairs], tok)
-                          for task, pairs in sorted(by_task.items())}
+        row = {"perplexity": math.exp(sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1))}
+        if generative:
+            row.update(score_generations(generative, predictions, tok))
+        row["by_group"] = {}
+        for g, (total, count) in sums.items():
+            pairs = [(e, p) for e, p in zip(generative, predictions) if group_of(e) == g]
+            row["by_group"][g] = {"perplexity": math.exp(total / max(count, 1)),
+                                  **(score_generations([e for e, _ in pairs], [p for _, p in pairs], tok) if pairs else {})}
         row["predictions"] = predictions
         results[label] = row
     results["examples"] = [{"prompt": tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True),
@@ -142,15 +153,16 @@ def evaluate(run_dir: str | Path, device: str = "auto", samples: int = 3) -> dic
 
 def format_table(results: dict) -> str:
     base, adapter = results["base"], results["adapter"]
-    names = ["perplexity"] + [k for k in base if k not in ("perplexity", "by_task", "predictions")]
-    lines = [f"{'metric':<28}{'base':>10}{'adapter':>10}   better", "-" * 58]
-    for name in names:
-        higher = METRICS[name].higher_is_better if name in METRICS else False
-        lines.append(f"{name:<28}{base[name]:>10.3f}{adapter[name]:>10.3f}   {'higher' if higher else 'lower'}")
-    for task in base["by_task"]:
-        for name, value in base["by_task"][task].items():
-            if name in ("exact_match", "phrase_present"):
-                lines.append(f"{task + ' / ' + name:<28}{value:>10.3f}{adapter['by_task'][task][name]:>10.3f}   higher")
+
+    def line(label: str, name: str, b: float, a: float) -> str:
+        higher = METRICS[name].higher_is_better if name in METRICS else False  # perplexity: lower is better
+        return f"{label:<40}{b:>10.3f}{a:>10.3f}   {'higher' if higher else 'lower'}"
+
+    lines = [f"{'metric (held-out)':<40}{'base':>10}{'adapter':>10}   better", "-" * 70]
+    lines += [line(name, name, base[name], adapter[name]) for name in base if name not in ("by_group", "predictions")]
+    for group, scores in base["by_group"].items():
+        lines += [line(f"{group} / {name}", name, value, adapter["by_group"][group][name])
+                  for name, value in scores.items() if name in ("perplexity", "exact_match", "phrase_present")]
     return "\n".join(lines)
 
 

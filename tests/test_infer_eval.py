@@ -73,3 +73,32 @@ def test_sampling_settings_apply_to_every_batch_and_turn(llama):
     sampled = generate_batch(model, tok, [prompt] * 4, max_new_tokens=8, batch_size=1, do_sample=True, temperature=5.0)
     assert len(set(greedy)) == 1
     assert len(set(sampled[1:])) > 1 or sampled[1] != greedy[1]  # later batches sample too
+
+
+def test_evaluate_reports_base_and_adapter_per_dataset(tiny_gpt2_dir, tmp_path, capsys):
+    import json
+
+    from conftest import QA, write_jsonl
+    from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, TrainConfig
+    from loratune.evaluate import evaluate
+    from loratune.train import train
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"line {i} of plain text"} for i in range(12)])
+    fields = {"prompt": "question", "response": "answer"}
+    cfg = Config(model=ModelConfig(name=str(tiny_gpt2_dir)), lora=LoraConfig(r=4, dropout=0.0),
+                 data=DataConfig(datasets=[DatasetConfig(path=str(qa), format="completion", fields=fields, eval_fraction=0.25),
+                                           DatasetConfig(path=str(text), format="text", eval_fraction=0.25)],
+                                 cache_dir=None),
+                 train=TrainConfig(batch_size=4, max_steps=3, lr=1e-2), output_dir=str(tmp_path / "run"))
+    run_dir, _ = train(cfg)
+    results = evaluate(run_dir, device="cpu", samples=1)
+    for side in ("base", "adapter"):
+        assert set(results[side]["by_group"]) == {str(qa), str(text)}
+        assert "exact_match" in results[side]["by_group"][str(qa)]  # completion: generated and scored
+        assert set(results[side]["by_group"][str(text)]) == {"perplexity"}  # text: no prompt to generate from
+        assert len(results[side]["predictions"]) == 6
+    assert results["base"]["perplexity"] != results["adapter"]["perplexity"]
+    assert json.loads((run_dir / "eval.json").read_text())["adapter"]["perplexity"] == results["adapter"]["perplexity"]
+    printed = capsys.readouterr().out
+    assert f"{qa} / perplexity" in printed and "lower" in printed

@@ -130,3 +130,9 @@ def test_tokenized_cache_hits_on_second_run_and_misses_when_a_file_changes(tmp_p
     cfg.max_length = 4  # another max_length is another key, not a stale hit
     short, _, _ = load_data(cfg, tok, seed=0)
     assert all(len(e.input_ids) <= 4 for e in short)
+
+
+def test_streaming_through_the_datasets_code_path(qa_file, tok):
+    train, held_out, _ = load(tok, hub="json", data_files=[str(qa_file)], streaming=True, max_samples=5,
+                              format="completion", fields={"prompt": "question", "response": "answer"})
+    assert len(train) == 5 and held_out == []
