@@ -1,20 +1,28 @@
-"""Run directories: everything is written to a temporary name first and renamed into place, so a
-crash or Ctrl-C leaves either the old file or the new one, never half of one."""
+"""Run directories and checkpoints. Everything is written under a temporary name and renamed into place, so a
+crash, SIGKILL or Ctrl-C leaves the old checkpoint or the new one, never half of one.
+
+A checkpoint (run_dir/checkpoints/step-000050/) holds what exact resume needs: the trainable weights
+(safetensors), optimizer, scheduler and grad-scaler state (torch files loaded with weights_only=True), the RNG
+states of random, numpy, torch and every CUDA device, and the data position (micro-batches consumed).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
-from peft import PeftModel
+import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import Config, save_config
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CHECKPOINTS = "checkpoints"
 
 
 class RunDirError(RuntimeError):
@@ -24,21 +32,122 @@ class RunDirError(RuntimeError):
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into an old one; called before any slow loading, creates nothing."""
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunDirError(f"output_dir {run_dir} already holds files; choose another with --output_dir=DIR "
-                          "or pass --overwrite to replace that run")
+        raise RunDirError(f"output_dir {run_dir} already holds files; choose another with --output_dir=DIR, "
+                          "resume it with --resume, or pass --overwrite to replace that run")
 
 
-def save_run(model: PeftModel, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict) -> None:
-    """Write adapter (PEFT format, safetensors), tokenizer + chat template, config and final metrics."""
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished temporary directory into place; the old one (if any) goes only once the new one is there."""
+    old = dst.with_name(f".old-{dst.name}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_weights(model: torch.nn.Module, tok: Optional[PreTrainedTokenizerBase], folder: Path) -> None:
+    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full fine-tuning, the whole model."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(folder)
+
+
+def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict) -> None:
+    """Write the final weights, tokenizer + chat template, config and final metrics into the run directory."""
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tmp-") as tmp:
         tmp = Path(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_weights(model, tok, tmp)
         save_config(cfg, tmp / "config.yaml")
         (tmp / "final_metrics.json").write_text(json.dumps(final, indent=2))
         for f in tmp.iterdir():
             if f.is_file():
                 os.replace(f, run_dir / f.name)
             else:
-                shutil.rmtree(run_dir / f.name, ignore_errors=True)
-                os.replace(f, run_dir / f.name)
+                _replace_dir(f, run_dir / f.name)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(JSON-able states of random and numpy, tensor states of torch and CUDA)."""
+    np_state = np.random.get_state()
+    plain = {"random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return plain, tensors
+
+
+def set_rng_state(plain: dict, tensors: dict) -> None:
+    version, state, gauss = plain["random"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, scaler, state: dict,
+                    keep: int, protect: Optional[str] = None) -> Path:
+    """Write checkpoints/step-N atomically, then keep the newest `keep` (and `protect`, the best one)."""
+    folder = run_dir / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-step-{step:06d}-"))
+    save_weights(model, None, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+    plain, tensors = rng_state()
+    torch.save(tensors, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain}))
+    _replace_dir(tmp, final)
+    for old in completed_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def completed_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first; half-written ones (.tmp-*) are never listed."""
+    folder = run_dir / CHECKPOINTS
+    return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest finished checkpoint; leftovers of an interrupted write are removed first."""
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir():
+        for leftover in folder.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in folder.glob(".old-*"):  # a crash between the two renames of _replace_dir
+            target = folder / leftover.name[len(".old-"):]
+            if target.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                os.replace(leftover, target)
+    done = completed_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler) -> dict:
+    """Restore everything save_checkpoint wrote; returns its state (step, batches consumed, ...)."""
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(weights))
+    else:
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(model, str(path), strict=True) if (path / "model.safetensors.index.json").is_file() \
+            else model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved["scaler"] is not None:
+        scaler.load_state_dict(saved["scaler"])
+    state = json.loads((path / "state.json").read_text())
+    set_rng_state(state.pop("rng"), torch.load(path / "rng.pt", weights_only=True))
+    return state

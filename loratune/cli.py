@@ -48,13 +48,22 @@ def _train(argv: list[str]) -> int:
         epilog="config keys (set in YAML or as --key=value):\n" + "\n".join(config_reference()))
     parser.add_argument("config", nargs="?", help="YAML config file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR's newest checkpoint, with its config.yaml unless CONFIG is given")
     args, rest = parser.parse_known_args(argv)
     if args.config and args.config.startswith("--"):
         rest, args.config = [args.config] + rest, None
+    from pathlib import Path
+
     from .train import train
 
-    cfg = load_config(args.config, parse_overrides(rest))
-    run_dir, final = train(cfg, overwrite=args.overwrite)
+    overrides = parse_overrides(rest)
+    if args.resume:
+        overrides.append(("output_dir", args.resume))
+    cfg = load_config(args.config or (Path(args.resume) / "config.yaml" if args.resume else None), overrides)
+    run_dir, final = train(cfg, overwrite=args.overwrite, resume=True if args.resume else None)
+    if final.get("interrupted"):
+        return 0
     print(f"run saved to {run_dir}  (final loss {final['train_loss']:.4f}, {final['steps']} steps)")
     print(f"next: loratune eval {run_dir}   |   loratune chat {run_dir}")
     return 0

@@ -113,11 +113,15 @@ class TrainConfig:
     lr: float = 2e-4
     """Peak learning rate."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay, applied to weight matrices only (never to biases or norms)."""
+    schedule: str = "cosine"
+    """After warmup: `cosine` or `linear` decay to lr * min_lr_ratio, or `constant`."""
     warmup_steps: int = 0
-    """Linear warmup steps before the cosine decay."""
+    """Linear warmup steps."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all steps; used when warmup_steps is 0."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule decays to lr * min_lr_ratio."""
+    """The cosine and linear schedules decay to lr * min_lr_ratio."""
     num_epochs: float = 1.0
     """Passes over the training data; ignored when max_steps is set."""
     max_steps: Optional[int] = None
@@ -131,6 +135,28 @@ class TrainConfig:
     log_every: int = 10
     """On the GPU, bring the loss to the host every N steps (metrics.jsonl still gets every step): fewer syncs keep
     the GPU busy. The CPU syncs every step."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on GPU, fp32 on CPU), `fp32`, `bf16`, or `fp16` (GPU, with a grad scaler)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during backward to save memory; the adapters still train."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms) for bit-reproducible GPU runs; slower."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end, or when interrupted)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints, plus the best by best_metric."""
+    resume: str = "never"
+    """`auto`: continue from output_dir's newest checkpoint when it has one. `never`: always start fresh."""
+    eval_every: int = 0
+    """Held-out loss, overall and per dataset, every N steps (0: off)."""
+    best_metric: str = "eval_loss"
+    """Lower-is-better eval metric that picks the best checkpoint and drives early stopping (eval_loss or eval_loss/DATASET)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evals without improvement of best_metric (0: never stop early)."""
+    early_stopping_min_delta: float = 0.0
+    """An eval counts as an improvement only if it beats the best by more than this."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides metrics.jsonl: tensorboard (skipped when not installed), wandb, mlflow."""
     fast: str = "auto"
     """GPU fast path: packing, flex attention, fused linear cross-entropy, torch.compile, fused AdamW.
     `auto` (on with CUDA), `on` or `off`."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import math
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -15,13 +17,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import check_run_dir, save_run
-from .config import Config, DataConfig, TrainConfig
+from .checkpoint import RunDirError, check_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, save_run
+from .config import Config, DataConfig, TrainConfig, save_config
 from .data import IGNORE, Example, collate, load_data
 from .fast import collate_packed, pack_rows, packed_nll, use_packed_attention
 from .model import add_lora, load_base_model, load_tokenizer, unwrap_causal_lm
+from .tracking import Tracker
 
 log = logging.getLogger("loratune")
+
+
+class TrainingError(RuntimeError):
+    """Training can't go on (e.g. the loss became NaN); the message says where and what was kept."""
 
 
 def seed_everything(seed: int) -> None:
@@ -38,10 +45,25 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}: '{value}' should be one of {', '.join(allowed)}")
+    return value
+
+
 def use_fast_path(tc: TrainConfig, device: torch.device) -> bool:
-    if tc.fast not in ("auto", "on", "off"):
-        raise ValueError(f"train.fast: '{tc.fast}' should be auto, on or off")
-    return tc.fast == "on" or (tc.fast == "auto" and device.type == "cuda")
+    fast = _choice("train.fast", tc.fast, ("auto", "on", "off"))
+    return fast == "on" or (fast == "auto" and device.type == "cuda")
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). fp16 needs a grad scaler and a GPU."""
+    precision = _choice("train.precision", tc.precision, ("auto", "fp32", "bf16", "fp16"))
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def sum_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
@@ -65,13 +87,24 @@ def sum_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk:
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+    """Linear warmup, then cosine or linear decay to lr * min_lr_ratio, or constant."""
+    schedule = _choice("train.schedule", cfg.schedule, ("cosine", "linear", "constant"))
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[schedule]
+        return decay if schedule == "constant" else cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
     return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: biases and norm scales (1-D) are left alone."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def epoch_batches(examples: list[Example], batch_size: int, row_len: int | None, seed: int, epoch: int) -> list:
@@ -85,10 +118,16 @@ def epoch_batches(examples: list[Example], batch_size: int, row_len: int | None,
     return [items[s : s + batch_size] for s in range(0, len(items) - batch_size + 1, batch_size)]
 
 
-def all_batches(examples: list[Example], batch_size: int, row_len: int | None, seed: int) -> Iterator[list]:
+def all_batches(examples: list[Example], batch_size: int, row_len: int | None, seed: int, skip: int = 0) -> Iterator[list]:
+    """Every batch in order, forever, starting after the first `skip` (the data position of a resumed run)."""
     epoch = 0
     while True:
-        yield from epoch_batches(examples, batch_size, row_len, seed, epoch)
+        batches = epoch_batches(examples, batch_size, row_len, seed, epoch)
+        if skip >= len(batches):
+            skip -= len(batches)
+        else:
+            yield from batches[skip:]
+            skip = 0
         epoch += 1
 
 
@@ -111,20 +150,77 @@ def to_device_batch(items: list, data: DataConfig, pad_id: int, device: torch.de
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}, n_trained, n_real
 
 
-def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
-    """Train a LoRA adapter as `cfg` says; return the run directory and the final metrics."""
+@torch.no_grad()
+def held_out_losses(model: torch.nn.Module, held_out: list[Example], nll_of, autocast) -> dict[str, float]:
+    """Mean held-out loss (nats per trained token), overall and per dataset; nll_of(examples) -> (sum, count)."""
+    model.eval()
+    by_dataset: dict[str, list[Example]] = {}
+    for e in held_out:
+        by_dataset.setdefault(e.record.get("dataset", "data"), []).append(e)
+    with autocast:
+        sums = {name: nll_of(group) for name, group in by_dataset.items()}
+    model.train()
+    out = {"eval_loss": sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)}
+    if len(sums) > 1:
+        out.update({f"eval_loss/{name}": t / max(n, 1) for name, (t, n) in sums.items()})
+    return out
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and returns."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> tuple[Path, dict]:
+    """Train a LoRA adapter as `cfg` says; return the run directory and the final metrics.
+
+    `resume=True` continues output_dir's newest checkpoint (an error if there is none); None follows train.resume.
+    """
     tc = cfg.train
     run_dir = Path(cfg.output_dir)
-    check_run_dir(run_dir, overwrite)
+    checkpoint = latest_checkpoint(run_dir)
+    resuming = resume if resume is not None else _choice("train.resume", tc.resume, ("never", "auto")) == "auto"
+    if resume and checkpoint is None:
+        raise RunDirError(f"--resume {run_dir}: no finished checkpoint there to resume from")
+    resuming = resuming and checkpoint is not None
+    if not resuming:
+        check_run_dir(run_dir, overwrite)
     seed_everything(tc.seed)
     device = pick_device(tc.device)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True)
     fast = use_fast_path(tc, device)
     packed = fast or cfg.data.packing
+    dtype = autocast_dtype(tc, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
     tok = load_tokenizer(cfg.model)
     train_set, held_out, report = load_data(cfg.data, tok, tc.seed)
     for line in report:
         log.info("data: %s", line)
     model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    if tc.gradient_checkpointing:
+        # Non-reentrant checkpointing gives the LoRA weights their gradients even though the frozen inputs need none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     causal_lm = unwrap_causal_lm(model)
     backbone, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
@@ -133,57 +229,133 @@ def train(cfg: Config, overwrite: bool = False) -> tuple[Path, dict]:
     loss_fn = packed_nll
     if fast and device.type == "cuda":
         loss_fn = torch.compile(packed_nll, dynamic=False)  # packed rows have one shape: one compilation
-    log.info("path: %s", "fast (packed, fused loss, compiled)" if fast else "packed" if packed else "plain (padded batches)")
+    log.info("path: %s", "fast (packed, compiled)" if fast else "packed" if packed else "plain (padded batches)")
 
     row_len = cfg.data.max_length if packed else None
     steps = total_steps(tc, len(epoch_batches(train_set, tc.batch_size, row_len, tc.seed, 0)))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, steps))
-    # bf16 autocast on GPU keeps LoRA weights and optimizer state in fp32; on CPU everything stays fp32.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    batches = all_batches(train_set, tc.batch_size, row_len, tc.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
-    metrics_file = (run_dir / "metrics.jsonl").open("w")
-    pending: list[tuple[int, torch.Tensor, int, float]] = []  # losses stay on the device until the next sync
-    seen_tokens, start_time, loss_value = 0, time.perf_counter(), float("nan")
-    bar = tqdm(range(steps), desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        micro = [to_device_batch(next(batches), cfg.data, tok.pad_token_id, device, packed) for _ in range(tc.grad_accum)]
-        # Normalise by the trained tokens of the whole accumulated batch, so the update equals the
-        # one a single big batch would give, however the tokens fall across micro-batches.
-        n_trained = sum(n for _, n, _ in micro)
-        step_nll = torch.zeros((), device=device)
-        for batch, _, n_real in micro:
-            with autocast:
-                nll = loss_fn(backbone, head, batch) if packed else sum_token_nll(model, batch)[0]
-            (nll / n_trained).backward()
-            step_nll += nll.detach()
-            seen_tokens += n_real
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append((step + 1, step_nll, n_trained, scheduler.get_last_lr()[0]))
+    save_config(cfg, run_dir / "config.yaml")
+    state = {"batches": 0, "best": None, "best_checkpoint": None, "evals_without_improvement": 0}
+    if resuming:
+        state.update(load_checkpoint(checkpoint, model, optimizer, scheduler, scaler))
+        log.info("resumed from %s (step %d)", checkpoint, state["step"])
+    start = state.get("step", 0)
+    tracker = Tracker(run_dir, tc.report_to, dataclasses.asdict(cfg), resume_step=start)
+    batches = all_batches(train_set, tc.batch_size, row_len, tc.seed, skip=state["batches"])
 
-        # A sync costs nothing on the CPU, so there the bar moves every step; on the GPU it would stall the queue.
-        if len(pending) >= tc.log_every or step + 1 == steps or device.type == "cpu":
-            elapsed = time.perf_counter() - start_time
-            losses = torch.stack([p[1] for p in pending]).tolist()  # the one host sync per log interval
-            for (n_step, _, n_tok, lr), total in zip(pending, losses):
-                loss_value = total / n_tok
-                metrics_file.write(json.dumps({"step": n_step, "loss": loss_value, "lr": lr, "tokens": seen_tokens,
-                                               "tokens_per_s": seen_tokens / elapsed, "elapsed_s": elapsed}) + "\n")
-            metrics_file.flush()
-            pending.clear()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen_tokens / elapsed:,.0f}")
-    bar.close()
-    metrics_file.close()
+    def nll_of(examples: list[Example]) -> tuple[float, int]:
+        """Held-out NLL through the same path as training; packed batches keep the training shape (no recompile)."""
+        if not packed:
+            from .evaluate import nll_and_count
 
-    final = {"steps": steps, "train_loss": loss_value, "tokens": seen_tokens,
-             "train_seconds": time.perf_counter() - start_time, "held_out_examples": len(held_out)}
+            return nll_and_count(model, examples, tok.pad_token_id)
+        rows = pack_rows(examples, list(range(len(examples))), row_len)
+        total, count = 0.0, 0
+        for first in range(0, len(rows), tc.batch_size):
+            group = [[examples[i] for i in row] for row in rows[first : first + tc.batch_size]]
+            batch, n, _ = to_device_batch(group + [[]] * (tc.batch_size - len(group)), cfg.data, tok.pad_token_id, device, True)
+            total, count = total + loss_fn(backbone, head, batch).item(), count + n
+        return total, count
+
+    pending: list[tuple[int, torch.Tensor, int, float, int]] = []  # losses stay on the device until a sync
+    tokens_at_start = state.setdefault("tokens", 0)
+    seen_tokens, start_time, loss_value, lr, stop_reason = tokens_at_start, time.perf_counter(), float("nan"), tc.lr, None
+
+    def sync() -> None:
+        """Bring pending losses to the host: log them, and stop on NaN/inf before anything is checkpointed."""
+        nonlocal loss_value
+        if not pending:
+            return
+        elapsed = time.perf_counter() - start_time
+        for (n_step, _, n_tok, step_lr, tokens), total in zip(pending, torch.stack([p[1] for p in pending]).tolist()):
+            loss_value = total / n_tok
+            if not math.isfinite(loss_value):
+                kept = latest_checkpoint(run_dir)
+                raise TrainingError(f"loss is {loss_value} at step {n_step}; stopping. Last good checkpoint: "
+                                    f"{kept or 'none written yet'}. Try a lower train.lr, or precision bf16/fp32")
+            tracker.log_train({"step": n_step, "loss": loss_value, "lr": step_lr, "tokens": tokens,
+                               "tokens_per_s": (seen_tokens - tokens_at_start) / elapsed, "elapsed_s": elapsed})
+        tracker.flush()
+        pending.clear()
+
+    with StopRequest() as stop:
+        bar = tqdm(range(start, steps), desc="train", unit="step", dynamic_ncols=True, initial=start, total=steps)
+        for step in bar:
+            micro = [to_device_batch(next(batches), cfg.data, tok.pad_token_id, device, packed) for _ in range(tc.grad_accum)]
+            # Normalise by the trained tokens of the whole accumulated batch, so the update equals the
+            # one a single big batch would give, however the tokens fall across micro-batches.
+            n_trained = sum(n for _, n, _ in micro)
+            step_nll = torch.zeros((), device=device)
+            for batch, _, n_real in micro:
+                with autocast:
+                    nll = loss_fn(backbone, head, batch) if packed else sum_token_nll(model, batch)[0]
+                loss = nll / n_trained
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_nll += nll.detach()
+                seen_tokens += n_real
+            if scaler:
+                scaler.unscale_(optimizer)
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["batches"] += tc.grad_accum
+            state["tokens"] = seen_tokens
+            done = step + 1
+            lr = scheduler.get_last_lr()[0]
+            pending.append((done, step_nll, n_trained, lr, seen_tokens))
+
+            # A sync costs nothing on the CPU, so there the bar moves every step; on the GPU it would stall the queue.
+            if len(pending) >= tc.log_every or device.type == "cpu":
+                sync()
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{(seen_tokens - tokens_at_start) / (time.perf_counter() - start_time):,.0f}")
+            checkpoint_now = done == steps or (tc.save_every and done % tc.save_every == 0)
+            if tc.eval_every and (done % tc.eval_every == 0 or done == steps) and held_out:
+                sync()
+                metrics = held_out_losses(model, held_out, nll_of, autocast)
+                tracker.log_eval(done, metrics)
+                log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if tc.best_metric not in metrics:
+                    raise ValueError(f"train.best_metric: '{tc.best_metric}' is not among {sorted(metrics)}")
+                if state["best"] is None or metrics[tc.best_metric] < state["best"] - tc.early_stopping_min_delta:
+                    state.update(best=metrics[tc.best_metric], best_checkpoint=f"step-{done:06d}",
+                                 evals_without_improvement=0)
+                    checkpoint_now = True  # the best is always kept
+                else:
+                    state["evals_without_improvement"] += 1
+                    if tc.early_stopping_patience and state["evals_without_improvement"] >= tc.early_stopping_patience:
+                        stop_reason = f"early stopping: {tc.best_metric} has not improved for {tc.early_stopping_patience} evals"
+            if stop.signal:
+                stop_reason = f"{stop.signal} received"
+            if checkpoint_now or stop_reason:
+                sync()
+                save_checkpoint(run_dir, done, model, optimizer, scheduler, scaler,
+                                {k: v for k, v in state.items() if k != "step"}, tc.keep_checkpoints,
+                                protect=state["best_checkpoint"])
+            if stop_reason:
+                break
+        sync()
+        bar.close()
+    tracker.close()
+
+    final = {"steps": done if steps > start else start, "train_loss": loss_value, "tokens": seen_tokens - tokens_at_start,
+             "train_seconds": time.perf_counter() - start_time, "held_out_examples": len(held_out),
+             "best": state["best"], "best_checkpoint": state["best_checkpoint"], "stopped": stop_reason}
+    if stop_reason and stop_reason.endswith("received"):
+        log.warning("%s at step %d: checkpoint written. Resume with:  loratune train --resume %s",
+                    stop_reason, final["steps"], run_dir)
+        return run_dir, {**final, "interrupted": True}
     save_run(model, tok, cfg, run_dir, final)
-    log.info("saved adapter to %s (%.0f s, final loss %.4f)", run_dir, final["train_seconds"], loss_value)
+    log.info("saved adapter to %s (%.0f s, final loss %.4f)%s", run_dir, final["train_seconds"], loss_value,
+             f"; {stop_reason}" if stop_reason else "")
     return run_dir, final
