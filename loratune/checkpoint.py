@@ -138,11 +138,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, sc
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(weights))
-    else:
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, str(path), strict=True) if (path / "model.safetensors.index.json").is_file() \
-            else model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    else:  # method: full. Tied weights (an LM head sharing the embedding) are stored once, so strict=False...
+        missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+        current = model.state_dict()
+        loaded = {current[k].data_ptr() for k in current if k not in missing}
+        untied = [k for k in missing if current[k].data_ptr() not in loaded]  # ...but nothing else may be absent
+        if unexpected or untied:
+            raise RunDirError(f"{path}: checkpoint does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})")
     saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -98,6 +98,43 @@ def _chat(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune generate", description="Batch generation from a run, resumable.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--input", required=True, help=".txt (one chat prompt per line) or .jsonl (messages or prompt)")
+    parser.add_argument("--output", required=True, help=".txt (one result per line) or .jsonl (input record + output)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--num_beams", type=int, default=1, help="beam search when > 1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system", default=None, help="system prompt for chat prompts")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    from .infer import generate_file, load
+
+    model, tok = load(args.run_dir, args.device)
+    options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
+    if args.temperature > 0:
+        options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    n = generate_file(model, tok, args.input, args.output, args.max_new_tokens, args.batch_size, args.system,
+                      args.seed, **options)
+    print(f"generated {n} outputs into {args.output}")
+    return 0
+
+
+def _merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune merge", description="Write base + adapter as one plain model.")
+    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    from .infer import merge
+
+    print(f"merged model written to {merge(args.run_dir, args.out_dir)} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def _doctor(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune doctor", description="Check a config's data before training.")
     parser.add_argument("config", nargs="?", help="YAML config file (default: the shipped one)")
@@ -124,7 +161,8 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "doctor": _doctor, "prepare": _prepare}
+COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
+            "doctor": _doctor, "prepare": _prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

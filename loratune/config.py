@@ -149,6 +149,11 @@ class TrainConfig:
     """`auto`: continue from output_dir's newest checkpoint when it has one. `never`: always start fresh."""
     eval_every: int = 0
     """Held-out loss, overall and per dataset, every N steps (0: off)."""
+    generate_every_evals: int = 0
+    """Every N periodic evals, also answer a fixed sample of held-out prompts greedily and log exact match, BLEU,
+    ROUGE-L, length and phrase-present, so a run shows generation quality moving, not only the loss (0: off)."""
+    generate_samples: int = 16
+    """Size of that fixed sample (the first held-out examples that have a prompt)."""
     best_metric: str = "eval_loss"
     """Lower-is-better eval metric that picks the best checkpoint and drives early stopping (eval_loss or eval_loss/DATASET)."""
     early_stopping_patience: int = 0
@@ -158,7 +163,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Trackers besides metrics.jsonl: tensorboard (skipped when not installed), wandb, mlflow."""
     fast: str = "auto"
-    """GPU fast path: packing, flex attention, fused linear cross-entropy, torch.compile, fused AdamW.
+    """GPU fast path: packing, flex attention, mask + model + loss compiled as one graph, fused AdamW.
     `auto` (on with CUDA), `on` or `off`."""
 
 
@@ -172,6 +177,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    method: str = "lora"
+    """`lora` trains an adapter; `full` fine-tunes every weight with the same loop (to compare the two)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
     lora: LoraConfig = field(default_factory=LoraConfig)

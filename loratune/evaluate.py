@@ -10,25 +10,29 @@ import string
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from peft import PeftModel
+
 from .data import Example, collate, load_data
+from .model import load_base_model
 
 
 @dataclass(frozen=True)
 class Metric:
     fn: Callable[[list[str], list[list[str]]], float]
     """(predictions, references per prediction) -> score."""
-    higher_is_better: bool
+    higher_is_better: Optional[bool]
+    """True or False; None for a ratio whose best value is 1.0 (length_ratio)."""
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def register_metric(name: str, higher_is_better: bool):
+def register_metric(name: str, higher_is_better: Optional[bool]):
     """Add a generation metric: `@register_metric("my_metric", higher_is_better=True)`."""
     def wrap(fn: Callable[[list[str], list[list[str]]], float]):
         METRICS[name] = Metric(fn, higher_is_better)
@@ -80,6 +84,29 @@ for _kind in ("rouge1", "rouge2", "rougeL"):
     register_metric(_kind, higher_is_better=True)(_rouge(_kind))
 
 
+def _lengths(predictions: list[str], references: list[list[str]]) -> tuple[int, int]:
+    """Total words of the predictions, and of the reference closest in length to each (as BLEU picks it)."""
+    pred = [len(p.split()) for p in predictions]
+    ref = [min((len(r.split()) for r in refs), key=lambda n: (abs(n - c), n)) for c, refs in zip(pred, references)]
+    return sum(pred), sum(ref)
+
+
+@register_metric("length_ratio", higher_is_better=None)
+def length_ratio(predictions: list[str], references: list[list[str]]) -> float:
+    """Words generated per reference word: 1.0 is right, below is terse, above is rambling."""
+    pred, ref = _lengths(predictions, references)
+    return pred / max(ref, 1)
+
+
+@register_metric("length_penalty", higher_is_better=True)
+def length_penalty(predictions: list[str], references: list[list[str]]) -> float:
+    """BLEU's brevity penalty made two-sided: exp(1 - longer/shorter) of total lengths; 1.0 when they match."""
+    pred, ref = _lengths(predictions, references)
+    if pred == 0 or ref == 0:
+        return 0.0
+    return math.exp(1 - max(pred, ref) / min(pred, ref))
+
+
 @torch.no_grad()
 def nll_and_count(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
     """Summed NLL and count of the trained tokens of `examples` (perplexity = exp(nll / count))."""
@@ -106,7 +133,8 @@ def reference_of(example: Example, tok: PreTrainedTokenizerBase) -> str:
 
 def score_generations(examples: list[Example], predictions: list[str], tok: PreTrainedTokenizerBase) -> dict[str, float]:
     references = [[reference_of(e, tok)] for e in examples]
-    scores = {name: METRICS[name].fn(predictions, references) for name in ("exact_match", "bleu", "rougeL")}
+    scores = {name: METRICS[name].fn(predictions, references)
+              for name in ("exact_match", "bleu", "rougeL", "length_ratio", "length_penalty")}
     with_phrase = [(p, e.record["contains"]) for p, e in zip(predictions, examples) if e.record.get("contains")]
     if with_phrase:
         scores["phrase_present"] = phrase_present([p for p, _ in with_phrase], [[c] for _, c in with_phrase])
@@ -128,7 +156,13 @@ def evaluate(run_dir: str | Path, device: str = "auto", samples: int = 3) -> dic
     for e in held_out:
         groups[group_of(e)].append(e)
     results: dict = {}
-    for label, ctx in (("base", model.disable_adapter()), ("adapter", contextlib.nullcontext())):
+    # An adapter is switched off for the base row; a fully fine-tuned model is compared with a fresh base.
+    if isinstance(model, PeftModel):
+        sides = [("base", model, model.disable_adapter()), ("adapter", model, contextlib.nullcontext())]
+    else:
+        base = load_base_model(cfg.model, next(model.parameters()).device).eval()
+        sides = [("base", base, contextlib.nullcontext()), ("adapter", model, contextlib.nullcontext())]
+    for label, model, ctx in sides:
         with ctx:
             sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
             predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
@@ -156,7 +190,8 @@ def format_table(results: dict) -> str:
 
     def line(label: str, name: str, b: float, a: float) -> str:
         higher = METRICS[name].higher_is_better if name in METRICS else False  # perplexity: lower is better
-        return f"{label:<40}{b:>10.3f}{a:>10.3f}   {'higher' if higher else 'lower'}"
+        better = {True: "higher", False: "lower", None: "nearer 1"}[higher]
+        return f"{label:<40}{b:>10.3f}{a:>10.3f}   {better}"
 
     lines = [f"{'metric (held-out)':<40}{'base':>10}{'adapter':>10}   better", "-" * 70]
     lines += [line(name, name, base[name], adapter[name]) for name in base if name not in ("by_group", "predictions")]

@@ -115,6 +115,13 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
         )
     except OSError as e:
         raise _offline_hint(cfg.name, e) from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if type(quantizer).__name__ == "GgufHfQuantizer" and all(p.is_floating_point() for p in model.parameters()):
+        # transformers dequantized the GGUF file into ordinary float weights but keeps a GGUF marker that forbids
+        # saving; without it a fully fine-tuned model saves (and reloads) as plain safetensors.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        del model.config.quantization_config
     return model.to(device)
 
 
@@ -146,6 +153,18 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     trainable, total = count_parameters(model)
     log.info("LoRA on %s: %s trainable of %s parameters (%.3f%%)",
              sorted(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def prepare_for_training(model: PreTrainedModel, method: str, lora: LoraConfig) -> torch.nn.Module:
+    """`lora`: wrap with a peft adapter. `full`: every weight trains."""
+    if method == "lora":
+        return add_lora(model, lora)
+    if method != "full":
+        raise ModelLoadError(f"method: '{method}' should be lora or full")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    log.info("full fine-tuning: %s trainable parameters", f"{count_parameters(model)[0]:,}")
     return model
 
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -21,7 +22,7 @@ from .checkpoint import RunDirError, check_run_dir, latest_checkpoint, load_chec
 from .config import Config, DataConfig, TrainConfig, save_config
 from .data import IGNORE, Example, collate, load_data
 from .fast import collate_packed, pack_rows, packed_nll, use_packed_attention
-from .model import add_lora, load_base_model, load_tokenizer, unwrap_causal_lm
+from .model import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
 from .tracking import Tracker
 
 log = logging.getLogger("loratune")
@@ -166,6 +167,29 @@ def held_out_losses(model: torch.nn.Module, held_out: list[Example], nll_of, aut
     return out
 
 
+@torch.no_grad()
+def generation_metrics(model: torch.nn.Module, tok, sample: list[Example], max_new_tokens: int, packed: bool,
+                       autocast) -> dict[str, float]:
+    """Greedy answers for a fixed held-out sample, scored like `loratune eval` (keys prefixed gen/)."""
+    from .evaluate import score_generations
+    from .fast import ATTENTION_NAME
+    from .infer import generate_batch
+
+    causal_lm = unwrap_causal_lm(model)
+    model.eval()
+    if packed:  # generation pads and caches; it needs the model's ordinary attention
+        causal_lm.set_attn_implementation("sdpa")
+    try:
+        with autocast:
+            predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in sample], max_new_tokens,
+                                         batch_size=len(sample))
+    finally:
+        if packed:
+            causal_lm.set_attn_implementation(ATTENTION_NAME)
+        model.train()
+    return {f"gen/{k}": v for k, v in score_generations(sample, predictions, tok).items()}
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and returns."""
 
@@ -206,6 +230,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     seed_everything(tc.seed)
     device = pick_device(tc.device)
     if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
         torch.use_deterministic_algorithms(True)
     fast = use_fast_path(tc, device)
     packed = fast or cfg.data.packing
@@ -217,7 +242,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     train_set, held_out, report = load_data(cfg.data, tok, tc.seed)
     for line in report:
         log.info("data: %s", line)
-    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    model = prepare_for_training(load_base_model(cfg.model, device), cfg.method, cfg.lora)
     if tc.gradient_checkpointing:
         # Non-reentrant checkpointing gives the LoRA weights their gradients even though the frozen inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -239,7 +264,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
     save_config(cfg, run_dir / "config.yaml")
-    state = {"batches": 0, "best": None, "best_checkpoint": None, "evals_without_improvement": 0}
+    state = {"batches": 0, "evals": 0, "best": None, "best_checkpoint": None, "evals_without_improvement": 0}
     if resuming:
         state.update(load_checkpoint(checkpoint, model, optimizer, scheduler, scaler))
         log.info("resumed from %s (step %d)", checkpoint, state["step"])
@@ -261,6 +286,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
             total, count = total + loss_fn(backbone, head, batch).item(), count + n
         return total, count
 
+    gen_sample = [e for e in held_out if e.prompt_len > 0][: tc.generate_samples]
     pending: list[tuple[int, torch.Tensor, int, float, int]] = []  # losses stay on the device until a sync
     tokens_at_start = state.setdefault("tokens", 0)
     seen_tokens, start_time, loss_value, lr, stop_reason = tokens_at_start, time.perf_counter(), float("nan"), tc.lr, None
@@ -323,6 +349,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
             if tc.eval_every and (done % tc.eval_every == 0 or done == steps) and held_out:
                 sync()
                 metrics = held_out_losses(model, held_out, nll_of, autocast)
+                state["evals"] += 1
+                if tc.generate_every_evals and state["evals"] % tc.generate_every_evals == 0 and gen_sample:
+                    metrics.update(generation_metrics(model, tok, gen_sample, cfg.eval.max_new_tokens, packed, autocast))
                 tracker.log_eval(done, metrics)
                 log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if tc.best_metric not in metrics:
@@ -348,7 +377,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
         bar.close()
     tracker.close()
 
-    final = {"steps": done if steps > start else start, "train_loss": loss_value, "tokens": seen_tokens - tokens_at_start,
+    final = {"method": cfg.method, "trainable_parameters": count_parameters(model)[0],
+             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+             "steps": done if steps > start else start, "train_loss": loss_value, "tokens": seen_tokens - tokens_at_start,
              "train_seconds": time.perf_counter() - start_time, "held_out_examples": len(held_out),
              "best": state["best"], "best_checkpoint": state["best_checkpoint"], "stopped": stop_reason}
     if stop_reason and stop_reason.endswith("received"):

@@ -49,8 +49,14 @@ def test_chat_truncates_history_to_context(llama):
 
 
 def test_metric_registry():
-    assert all(m.higher_is_better for m in METRICS.values())
-    assert {"exact_match", "phrase_present", "bleu", "rouge1", "rouge2", "rougeL"} <= set(METRICS)
+    assert all(m.higher_is_better for name, m in METRICS.items() if name != "length_ratio")
+    assert METRICS["length_ratio"].higher_is_better is None
+    assert {"exact_match", "phrase_present", "bleu", "rouge1", "rouge2", "rougeL", "length_penalty"} <= set(METRICS)
+    # length: 2 words against the closest reference (4 words, not 10): ratio 0.5, penalty exp(1 - 2)
+    refs = [["one two three four", "a b c d e f g h i j"]]
+    assert METRICS["length_ratio"].fn(["a b"], refs) == 0.5
+    assert METRICS["length_penalty"].fn(["a b"], refs) == pytest.approx(0.36788, abs=1e-5)
+    assert METRICS["length_penalty"].fn(["a b c d"], refs) == 1.0
     assert normalize_answer("  The Capital, is PARIS! ") == "capital is paris"
     em = METRICS["exact_match"].fn
     assert em(["the answer is 4.", "five"], [["Answer is 4"], ["4", "5"]]) == 0.5

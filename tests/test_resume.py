@@ -182,3 +182,46 @@ def test_fp16_on_cpu_and_unknown_tracker_are_clear_errors(tiny_llama_dir, qa_fil
         train(tiny_config(tiny_llama_dir, qa_file, tmp_path / "a", precision="fp16"))
     with pytest.raises(ValueError, match="unknown tracker 'tensorbord'"):
         train(tiny_config(tiny_llama_dir, qa_file, tmp_path / "b", report_to=["tensorbord"]))
+
+
+def test_full_fine_tuning_trains_resumes_and_evaluates(reference, tiny_llama_dir, tmp_path):
+    import loratune
+    from loratune.evaluate import evaluate
+
+    data = reference[0]
+    cfg = resumable_config(tiny_llama_dir, data, tmp_path / "full", max_steps=6, save_every=2, lr=1e-3)
+    cfg.method = "full"
+    cfg.data.datasets[0].eval_fraction = 0.25
+    uninterrupted, _ = train(cfg)
+    assert (uninterrupted / "model.safetensors").is_file() and not (uninterrupted / "adapter_config.json").exists()
+
+    # Resume a copy from its step-4 checkpoint (after removing the later one): same losses, same weights.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000006")
+    (copy / "model.safetensors").unlink()
+    cfg.output_dir = str(copy)
+    resumed, _ = train(cfg)
+    assert losses(resumed) == losses(uninterrupted)
+    assert (resumed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+    model, _ = loratune.load(uninterrupted, device="cpu")
+    assert all(p.requires_grad for p in model.parameters())  # a plain transformers model, no adapter
+    results = evaluate(uninterrupted, device="cpu", samples=0)
+    assert results["base"]["perplexity"] != results["adapter"]["perplexity"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_generation_metrics_during_training(tiny_llama_dir, qa_file, tmp_path, packing):
+    cfg = resumable_config(tiny_llama_dir, qa_file, tmp_path / "run", max_steps=4, save_every=0, eval_every=2,
+                           generate_every_evals=2, generate_samples=3)
+    cfg.data.datasets[0].eval_fraction = 0.25
+    cfg.data.packing = packing
+    cfg.eval.max_new_tokens = 4
+    run_dir, _ = train(cfg)
+    first, second = json.loads((run_dir / "eval_history.json").read_text())
+    assert "gen/exact_match" not in first  # every 2nd eval only
+    assert {"gen/exact_match", "gen/bleu", "gen/rougeL", "gen/length_ratio"} <= set(second)
+    assert 0.0 <= second["gen/exact_match"] <= 1.0
