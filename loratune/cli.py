@@ -70,14 +70,21 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loratune eval", description="Base model vs adapter on the run's held-out split.")
-    parser.add_argument("run_dir")
+    parser = argparse.ArgumentParser(prog="loratune eval",
+                                     description="The base model and one or more runs side by side, per dataset and overall.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs of the same base model")
+    parser.add_argument("--file", help="evaluate on every record of this file instead of the first run's held-out split")
+    parser.add_argument("--format", choices=["chat", "completion", "text"], help="the file's format (default: read it like the run's first dataset)")
+    parser.add_argument("--max_length", type=int, help="sliding-window perplexity: tokens per window")
+    parser.add_argument("--stride", type=int, help="sliding-window perplexity: tokens between window starts")
+    parser.add_argument("--out", help="JSON results (default RUN_DIR/eval.json, or eval-FILE.json with --file)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=3, help="before/after examples to print")
     args = parser.parse_args(argv)
     from .evaluate import evaluate
 
-    evaluate(args.run_dir, device=args.device, samples=args.samples)
+    evaluate(args.run_dirs, device=args.device, samples=args.samples, file=args.file, file_format=args.format,
+             max_length=args.max_length, stride=args.stride, out=args.out)
     return 0
 
 

@@ -251,7 +251,8 @@ def _cacheable_files(ds: DatasetConfig) -> Optional[list[Path]]:
     return local_files(ds.path)
 
 
-def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple[list[Example], list[Example], list[str]]:
+def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int,
+              require_train: bool = True) -> tuple[list[Example], list[Example], list[str]]:
     """Build the training mix and the held-out examples of every configured dataset; also return report lines."""
     if cfg.truncation not in ("truncate", "drop"):
         raise DataError(f"data.truncation: '{cfg.truncation}' should be truncate or drop")
@@ -273,7 +274,7 @@ def load_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> tuple
             report.append(f"  first skipped: {skipped[0]}")
         train += mixed
         held_out += ev
-    if not train:
+    if require_train and not train:
         raise DataError("no training examples after tokenization; check data.datasets and data.max_length")
     return train, held_out, report
 

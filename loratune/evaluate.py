@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from peft import PeftModel
-
-from .data import Example, collate, load_data
-from .model import load_base_model
+from .config import Config, DatasetConfig
+from .data import IGNORE, Example, collate, load_data
+from .model import load_base_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -141,32 +141,92 @@ def score_generations(examples: list[Example], predictions: list[str], tok: PreT
     return scores
 
 
-def evaluate(run_dir: str | Path, device: str = "auto", samples: int = 3) -> dict:
-    """Score base model and adapter side by side on the run's held-out split; write eval.json."""
-    from .infer import generate_batch, load, load_run_config
+def windows(example: Example, max_length: int, stride: int) -> list[Example]:
+    """Split a long example for sliding-window perplexity: each window scores only tokens no earlier window scored,
+    with up to max_length - stride tokens of earlier context before them."""
+    ids, labels = example.input_ids, example.labels
+    if len(ids) <= max_length:
+        return [example]
+    out, scored_until = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        fresh = end - scored_until
+        out.append(Example(ids[begin:end], [IGNORE] * (end - begin - fresh) + labels[end - fresh : end], example.record))
+        scored_until = end
+        if end == len(ids):
+            break
+    return out
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    model, tok = load(run_dir, device)
-    _, held_out, _ = load_data(cfg.data, tok, cfg.train.seed)
+
+def eval_examples(cfg: Config, tok: PreTrainedTokenizerBase, file: Optional[Path], file_format: Optional[str],
+                  untruncated: bool) -> list[Example]:
+    """The run's held-out split, or every record of `file`; untruncated for sliding-window perplexity.
+
+    A file is read like the run's first dataset (format, fields, preset: the same column layout) unless
+    `file_format` names another format, which then uses its standard field names."""
+    data = cfg.data
+    if file is not None:
+        like = data.datasets[0]
+        ds = DatasetConfig(path=str(file), eval_fraction=1.0, format=file_format or like.format,
+                           fields=like.fields if file_format is None else {})
+        if like.preset and file_format is None:  # a local file in the preset's layout, through the datasets builder
+            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+            ds = DatasetConfig(preset=like.preset, hub=builder.get(file.suffix, "json"), data_files=[str(file)],
+                               eval_fraction=1.0)
+        data = dataclasses.replace(data, datasets=[ds], max_samples_per_dataset=None)
+    if untruncated:
+        data = dataclasses.replace(data, max_length=10**9)
+    _, held_out, _ = load_data(data, tok, cfg.train.seed, require_train=False)
     if not held_out:
-        raise ValueError(f"{run_dir}: the run's data has no held-out split; set data.datasets[].eval_fraction")
+        raise ValueError("nothing to evaluate: the run's data has no held-out split (set data.datasets[].eval_fraction "
+                         "or eval_split) and no --file was given")
+    return held_out
+
+
+def _models(run_dirs: list[Path], cfg: Config, device: str):
+    """(column name, model) for the base and then each run, one loaded at a time to bound memory."""
+    from .infer import load
+    from .train import pick_device
+
+    first, _ = load(run_dirs[0], device)
+    if isinstance(first, PeftModel):  # an adapter switched off is the base, without loading it twice
+        with first.disable_adapter():
+            yield "base", first
+    else:
+        yield "base", load_base_model(cfg.model, pick_device(device)).eval()
+    yield str(run_dirs[0]), first
+    del first
+    for run_dir in run_dirs[1:]:
+        yield str(run_dir), load(run_dir, device)[0]
+
+
+def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3, file: str | Path | None = None,
+             file_format: Optional[str] = None, max_length: Optional[int] = None, stride: Optional[int] = None,
+             out: str | Path | None = None) -> dict:
+    """Score the base model and each run side by side, overall and per dataset; write JSON and print a table.
+
+    Data: the first run's held-out split, or every record of `file`. With max_length (and stride), long examples
+    get sliding-window perplexity instead of being truncated. All runs must share their base model.
+    """
+    from .infer import generate_batch, load_run_config
+
+    run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    cfg = load_run_config(run_dirs[0])
+    for other in run_dirs[1:]:
+        if load_run_config(other).model != cfg.model:
+            raise ValueError(f"{other} was trained on another base model than {run_dirs[0]}; compare runs of one base")
+    tok = load_tokenizer(cfg.model, source=str(run_dirs[0]))
+    held_out = eval_examples(cfg, tok, Path(file) if file else None, file_format, max_length is not None)
+    scored = [w for e in held_out for w in windows(e, max_length, stride or max_length)] if max_length else held_out
     generative = [e for e in held_out if e.prompt_len > 0]
     groups = defaultdict(list)
-    for e in held_out:
+    for e in scored:
         groups[group_of(e)].append(e)
-    results: dict = {}
-    # An adapter is switched off for the base row; a fully fine-tuned model is compared with a fresh base.
-    if isinstance(model, PeftModel):
-        sides = [("base", model, model.disable_adapter()), ("adapter", model, contextlib.nullcontext())]
-    else:
-        base = load_base_model(cfg.model, next(model.parameters()).device).eval()
-        sides = [("base", base, contextlib.nullcontext()), ("adapter", model, contextlib.nullcontext())]
-    for label, model, ctx in sides:
-        with ctx:
-            sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
-            predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
-                                         cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    results: dict = {"columns": [], "data": str(file) if file else "held-out split"}
+    for name, model in _models(run_dirs, cfg, device):
+        sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
+        predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
+                                     cfg.eval.max_new_tokens, cfg.eval.batch_size)
         row = {"perplexity": math.exp(sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1))}
         if generative:
             row.update(score_generations(generative, predictions, tok))
@@ -176,28 +236,34 @@ def evaluate(run_dir: str | Path, device: str = "auto", samples: int = 3) -> dic
             row["by_group"][g] = {"perplexity": math.exp(total / max(count, 1)),
                                   **(score_generations([e for e, _ in pairs], [p for _, p in pairs], tok) if pairs else {})}
         row["predictions"] = predictions
-        results[label] = row
+        results["columns"].append(name)
+        results[name] = row
     results["examples"] = [{"prompt": tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True),
                             "reference": reference_of(e, tok)} for e in generative]
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    out = Path(out) if out else run_dirs[0] / ("eval.json" if file is None else f"eval-{Path(file).stem}.json")
+    out.write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(format_samples(results, samples))
     return results
 
 
 def format_table(results: dict) -> str:
-    base, adapter = results["base"], results["adapter"]
+    columns = results["columns"]
+    names = [Path(c).name or c for c in columns]
+    width = max(10, *(len(n) + 2 for n in names))
 
-    def line(label: str, name: str, b: float, a: float) -> str:
+    def line(label: str, name: str, values: list[float]) -> str:
         higher = METRICS[name].higher_is_better if name in METRICS else False  # perplexity: lower is better
         better = {True: "higher", False: "lower", None: "nearer 1"}[higher]
-        return f"{label:<40}{b:>10.3f}{a:>10.3f}   {better}"
+        return f"{label:<40}" + "".join(f"{v:>{width}.3f}" for v in values) + f"   {better}"
 
-    lines = [f"{'metric (held-out)':<40}{'base':>10}{'adapter':>10}   better", "-" * 70]
-    lines += [line(name, name, base[name], adapter[name]) for name in base if name not in ("by_group", "predictions")]
-    for group, scores in base["by_group"].items():
-        lines += [line(f"{group} / {name}", name, value, adapter["by_group"][group][name])
-                  for name, value in scores.items() if name in ("perplexity", "exact_match", "phrase_present")]
+    first = results[columns[0]]
+    lines = [f"{'metric (' + results['data'] + ')':<40}" + "".join(f"{n:>{width}}" for n in names) + "   better",
+             "-" * (40 + width * len(columns) + 12)]
+    lines += [line(name, name, [results[c][name] for c in columns]) for name in first if name not in ("by_group", "predictions")]
+    for group, scores in first["by_group"].items():
+        lines += [line(f"{group} / {name}", name, [results[c]["by_group"][group][name] for c in columns])
+                  for name in scores if name in ("perplexity", "exact_match", "phrase_present")]
     return "\n".join(lines)
 
 
@@ -207,8 +273,6 @@ def format_samples(results: dict, count: int) -> str:
     for i in list(range(0, len(results["examples"]), step))[:count]:
         ex = results["examples"][i]
         question = ex["prompt"].strip().splitlines()
-        lines += [f"\nQ: {question[-2] if len(question) > 1 else question[-1]}",
-                  f"  expected: {ex['reference']}",
-                  f"  base:     {results['base']['predictions'][i]}",
-                  f"  adapter:  {results['adapter']['predictions'][i]}"]
+        lines += [f"\nQ: {question[-2] if len(question) > 1 else question[-1]}", f"  expected: {ex['reference']}"]
+        lines += [f"  {(Path(c).name or c) + ':':<10}{results[c]['predictions'][i]}" for c in results["columns"]]
     return "\n".join(lines)

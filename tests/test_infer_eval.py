@@ -1,4 +1,5 @@
 import io
+import math
 
 import pytest
 import torch
@@ -99,12 +100,51 @@ def test_evaluate_reports_base_and_adapter_per_dataset(tiny_gpt2_dir, tmp_path, 
                  train=TrainConfig(batch_size=4, max_steps=3, lr=1e-2), output_dir=str(tmp_path / "run"))
     run_dir, _ = train(cfg)
     results = evaluate(run_dir, device="cpu", samples=1)
-    for side in ("base", "adapter"):
+    assert results["columns"] == ["base", str(run_dir)]
+    for side in results["columns"]:
         assert set(results[side]["by_group"]) == {str(qa), str(text)}
         assert "exact_match" in results[side]["by_group"][str(qa)]  # completion: generated and scored
         assert set(results[side]["by_group"][str(text)]) == {"perplexity"}  # text: no prompt to generate from
         assert len(results[side]["predictions"]) == 6
-    assert results["base"]["perplexity"] != results["adapter"]["perplexity"]
-    assert json.loads((run_dir / "eval.json").read_text())["adapter"]["perplexity"] == results["adapter"]["perplexity"]
+    assert results["base"]["perplexity"] != results[str(run_dir)]["perplexity"]
+    assert json.loads((run_dir / "eval.json").read_text())[str(run_dir)]["perplexity"] == results[str(run_dir)]["perplexity"]
     printed = capsys.readouterr().out
     assert f"{qa} / perplexity" in printed and "lower" in printed
+
+    # A second run of the same base, on a file, side by side.
+    cfg.output_dir, cfg.train.lr = str(tmp_path / "run2"), 3e-2
+    run2, _ = train(cfg)
+    both = evaluate([run_dir, run2], device="cpu", samples=0, file=qa)
+    assert both["columns"] == ["base", str(run_dir), str(run2)] and both["data"] == str(qa)
+    assert len(both["base"]["predictions"]) == len(QA)  # every record of the file
+    assert (run_dir / "eval-qa.json").is_file()
+
+
+def test_sliding_window_perplexity_scores_every_token_once():
+    from loratune.data import IGNORE, Example
+    from loratune.evaluate import windows
+
+    example = Example(list(range(100, 110)), list(range(100, 110)), {})
+    parts = windows(example, max_length=4, stride=2)
+    assert [w.input_ids for w in parts] == [list(range(100, 104)), list(range(102, 106)), list(range(104, 108)),
+                                            list(range(106, 110))]
+    scored = [t for w in parts for t, label in zip(w.input_ids[1:], w.labels[1:]) if label != IGNORE]
+    assert scored == list(range(101, 110))  # each predictable token exactly once, with context before it
+    assert windows(example, max_length=20, stride=5) == [example]
+
+
+def test_sliding_window_eval_on_a_long_document(tiny_gpt2_dir, tmp_path):
+    from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, TrainConfig
+    from loratune.evaluate import evaluate
+    from loratune.train import train
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": f"short line {i}"} for i in range(8)])
+    cfg = Config(model=ModelConfig(name=str(tiny_gpt2_dir)), lora=LoraConfig(r=4), train=TrainConfig(max_steps=1, batch_size=4),
+                 data=DataConfig(datasets=[DatasetConfig(path=str(data), format="text")], cache_dir=None),
+                 output_dir=str(tmp_path / "run"))
+    run_dir, _ = train(cfg)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a long document. " * 40)  # 680 bytes: longer than the tiny model's 256 positions
+    results = evaluate(run_dir, device="cpu", file=doc, file_format="text", max_length=128, stride=64, samples=0)
+    assert math.isfinite(results["base"]["perplexity"]) and results["base"]["perplexity"] > 1
