@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/loratune train --overwrite
 	$(BIN)/loratune eval runs/demo --samples 4
+	$(BIN)/loratune report runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -142,6 +142,17 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune report", description="Write RUN_DIR/report.html: curves, metrics, samples.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--samples", type=int, default=8, help="sample generations to show")
+    args = parser.parse_args(argv)
+    from .report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.samples)}")
+    return 0
+
+
 def _doctor(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune doctor", description="Check a config's data before training.")
     parser.add_argument("config", nargs="?", help="YAML config file (default: the shipped one)")
@@ -169,7 +180,7 @@ def _prepare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "doctor": _doctor, "prepare": _prepare}
+            "report": _report, "doctor": _doctor, "prepare": _prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,10 @@ class Tracker:
         for key in sorted({k for e in self.eval_history for k in e if k.endswith("loss")}):
             points = [(e["step"], e[key]) for e in self.eval_history if key in e]
             ax.plot(*zip(*points), marker="o", label=key.replace("_", " "))
+        losses = [v for _, v in self.train_points if v > 0] + [e[k] for e in self.eval_history for k in e
+                                                              if k.endswith("loss") and e[k] > 0]
+        if losses and max(losses) / min(losses) > 50:  # late, small losses would sit flat on the axis otherwise
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)

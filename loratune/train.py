@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -264,6 +265,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
     save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))  # the realised mix, for `loratune report`
     state = {"batches": 0, "evals": 0, "best": None, "best_checkpoint": None, "evals_without_improvement": 0}
     if resuming:
         state.update(load_checkpoint(checkpoint, model, optimizer, scheduler, scaler))

@@ -83,3 +83,24 @@ def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(run,
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     with pytest.raises(FileExistsError, match="already holds files"):
         merge(run, out)
+
+
+def test_report_is_one_self_contained_page(run, tmp_path):
+    import shutil
+
+    from loratune.evaluate import evaluate
+    from loratune.report import write_report
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    page = write_report(copy).read_text()
+    assert "No evaluation yet: run <code>loratune eval" in page  # says what to do, doesn't fail
+    assert 'src="data:image/png;base64,' in page  # curves inlined: the file can be mailed as is
+
+    cfg_path = copy / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("eval_fraction: 0.0", "eval_fraction: 0.25"))
+    evaluate(copy, device="cpu", samples=0)
+    page = write_report(copy, samples=3).read_text()
+    assert "<th>metric (held-out split)</th><th>base</th><th>run</th>" in page
+    assert page.count("<td><span class=") == 3 * 2  # 3 samples x (base, run)
+    assert "<summary>config.yaml</summary>" in page and "qa.jsonl: " in page  # config and data mix

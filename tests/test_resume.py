@@ -85,7 +85,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(kill, reference, 
     assert [c.name for c in completed_checkpoints(run)] == ["step-000009", "step-000012"]  # keep last 2
 
 
-def test_sigint_finishes_the_step_checkpoints_and_exits_0(reference, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_finishes_the_step_checkpoints_and_exits_0(sig, reference, tiny_llama_dir, tmp_path):
     data, ref_losses, ref_adapter = reference
     run = tmp_path / "run"
     cfg = resumable_config(tiny_llama_dir, data, run, save_every=0)
@@ -96,13 +97,13 @@ def test_sigint_finishes_the_step_checkpoints_and_exits_0(reference, tiny_llama_
     metrics = run / "metrics.jsonl"
     while proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     done = completed_checkpoints(run)
     if (run / "adapter_model.safetensors").exists():
-        pytest.skip("the run finished before SIGINT arrived")
-    assert "SIGINT received at step" in err and f"loratune train --resume {run}" in err
+        pytest.skip("the run finished before the signal arrived")
+    assert f"{sig.name} received at step" in err and f"loratune train --resume {run}" in err
     assert len(done) == 1 and int(done[0].name.split("-")[1]) < 12
     subprocess.run([sys.executable, "-m", "loratune", "train", "--resume", str(run)], env=ENV, check=True,
                    capture_output=True, timeout=120)
