@@ -51,7 +51,7 @@ def main() -> None:
                                Path(tmp) / method), "lr": lr})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"| method | lr | trainable params | peak RSS GiB | peak GPU GiB | train s | held-out loss |")
+    print("| method | lr | trainable params | peak RSS GiB | peak GPU GiB | train s | held-out loss |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         gpu = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"

@@ -31,9 +31,21 @@ class RunDirError(RuntimeError):
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into an old one; called before any slow loading, creates nothing."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return
+    if not overwrite:
         raise RunDirError(f"output_dir {run_dir} already holds files; choose another with --output_dir=DIR, "
                           "resume it with --resume, or pass --overwrite to replace that run")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"output_dir {run_dir} holds files but no loratune run (no config.yaml); --overwrite only "
+                          "replaces loratune runs, so nothing there was touched. Choose another --output_dir")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove the old run (checked by check_run_dir to be a loratune run), so none of its checkpoints,
+    metrics or weights can be mistaken for the new run's."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

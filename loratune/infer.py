@@ -123,13 +123,10 @@ class _Streamer(TextStreamer):
 
 def read_prompts(path: Path) -> list[tuple[str, dict]]:
     """(prompt text, record) pairs. .txt: one user message per line. .jsonl: {"messages": [...]} or {"prompt": ...}."""
-    from .sources import local_files, read_file
-
-    def fail(error: Exception) -> None:
-        raise error
+    from .sources import local_files, raise_error, read_file
 
     out = []
-    for where, record in read_file(local_files(str(path))[0], "lines", fail):
+    for where, record in read_file(local_files(str(path))[0], "lines", raise_error):
         if "messages" in record:
             out.append(("messages", record))
         elif "prompt" in record or "text" in record:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, load_dataclass
-from .sources import DataError
+from .sources import DataError, decoded_lines, raise_error
 
 
 @dataclass
@@ -78,11 +78,8 @@ def prepare(raw: str | Path, out: str | Path, rules: PrepareRules) -> Counter:
     raw, out = Path(raw), Path(out)
     counts: Counter = Counter()
     records = []
-    for lineno, data in enumerate(raw.read_bytes().splitlines(), 1):
-        try:
-            line = data.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{raw}:{lineno}: not valid UTF-8 (byte {e.start} of the line); re-save the file as UTF-8") from None
+    for lineno, line in decoded_lines(raw, raise_error):
+        line = line.strip()
         if not line:
             continue
         prompt, response, source = answer(line, rules)

@@ -19,6 +19,11 @@ class DataError(ValueError):
     """Bad input data; the message names the file, line and field."""
 
 
+def raise_error(error: DataError) -> None:
+    """The `bad` callback for callers that stop at the first bad record."""
+    raise error
+
+
 def local_files(pattern: str) -> list[Path]:
     """A file, a directory (its files with known suffixes), or a glob, in sorted order."""
     path = Path(pattern)
@@ -44,7 +49,7 @@ def read_file(path: Path, text_mode: str, bad: Callable[[DataError], None]) -> I
             yield f"{path} row {i}", row
         return
     if path.suffix == ".jsonl" or (path.suffix == ".txt" and text_mode == "lines"):
-        for lineno, line in _lines(path, bad):
+        for lineno, line in decoded_lines(path, bad):
             if not line.strip():
                 continue
             try:
@@ -69,7 +74,8 @@ def read_file(path: Path, text_mode: str, bad: Callable[[DataError], None]) -> I
         yield str(path), {"text": text}
 
 
-def _lines(path: Path, bad: Callable[[DataError], None]) -> Iterator[tuple[int, str]]:
+def decoded_lines(path: Path, bad: Callable[[DataError], None]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; a line that is not UTF-8 goes to `bad`, which raises or counts it."""
     for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
             yield lineno, raw.decode("utf-8")

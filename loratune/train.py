@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import RunDirError, check_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, save_run
+from .checkpoint import (RunDirError, check_run_dir, clear_run_dir, latest_checkpoint, load_checkpoint,
+                         save_checkpoint, save_run)
 from .config import Config, DataConfig, TrainConfig, save_config
 from .data import IGNORE, Example, collate, load_data
 from .fast import collate_packed, pack_rows, packed_nll, use_packed_attention
@@ -263,6 +264,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, steps))
 
+    if overwrite and not resuming:
+        clear_run_dir(run_dir)  # only now that loading worked: a failed start leaves the old run as it was
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))  # the realised mix, for `loratune report`

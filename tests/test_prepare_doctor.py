@@ -88,3 +88,13 @@ def test_doctor_fails_when_nothing_is_trained(tmp_path, tiny_gpt2_dir, capsys):
     cfg = doctor_config(tmp_path, tiny_gpt2_dir, [{"prompt": "a very long prompt", "response": " x"}], max_length=4)
     assert main(["doctor", cfg]) == 1
     assert "error: " in capsys.readouterr().out
+
+
+def test_prepare_names_a_non_utf8_line(tmp_path):
+    from loratune.prepare import load_rules, prepare
+    from loratune.sources import DataError
+
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(b"a => b\n\xff\xfe => c\n")
+    with pytest.raises(DataError, match=r"raw.txt:2: not valid UTF-8"):
+        prepare(raw, tmp_path / "out.jsonl", load_rules(write_rules(tmp_path, RULES)))

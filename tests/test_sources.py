@@ -7,7 +7,7 @@ import pytest
 from loratune.config import DataConfig, DatasetConfig, ModelConfig
 from loratune.data import DataError, load_data
 from loratune.model import load_tokenizer
-from conftest import QA, write_jsonl
+from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,24 @@ def test_run_dir_is_never_silently_reused(tiny_gpt2_dir, qa_file, tmp_path):
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_replaces_a_run_and_nothing_else(tiny_gpt2_dir, qa_file, tmp_path):
+    from loratune.checkpoint import completed_checkpoints
+
+    cfg = tiny_config(tiny_gpt2_dir, qa_file, tmp_path / "run", max_steps=4, save_every=1, keep_checkpoints=5)
+    train(cfg)
+    cfg.train.max_steps = 2
+    train(cfg, overwrite=True)
+    # The old run's step-3 and step-4 checkpoints must not outlive it (resume would pick them up).
+    assert [c.name for c in completed_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
+    assert len(losses(tmp_path / "run")) == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    cfg.output_dir = str(tmp_path / "other")
+    with pytest.raises(RunDirError, match="no loratune run .* nothing there was touched"):
+        train(cfg, overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
 def test_sum_token_nll_matches_transformers_loss(tiny_model_dir, qa_file):
     tok = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
     cfg = tiny_config(tiny_model_dir, qa_file, "unused")
