@@ -247,32 +247,54 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     return results
 
 
-def format_table(results: dict) -> str:
-    columns = results["columns"]
-    names = [Path(c).name or c for c in columns]
-    width = max(10, *(len(n) + 2 for n in names))
+def column_names(results: dict) -> list[str]:
+    """Short column titles: the run directory's name, or the column as it is (base)."""
+    return [Path(c).name or c for c in results["columns"]]
 
-    def line(label: str, name: str, values: list[float]) -> str:
-        higher = METRICS[name].higher_is_better if name in METRICS else False  # perplexity: lower is better
-        better = {True: "higher", False: "lower", None: "nearer 1"}[higher]
-        return f"{label:<40}" + "".join(f"{v:>{width}.3f}" for v in values) + f"   {better}"
 
-    first = results[columns[0]]
-    lines = [f"{'metric (' + results['data'] + ')':<40}" + "".join(f"{n:>{width}}" for n in names) + "   better",
-             "-" * (40 + width * len(columns) + 12)]
-    lines += [line(name, name, [results[c][name] for c in columns]) for name in first if name not in ("by_group", "predictions")]
+def table_rows(results: dict) -> list[tuple[str, str, list[float]]]:
+    """(label, metric, value per column) for every overall metric, then the headline metrics per group.
+    The text table and the HTML report both show these rows."""
+    columns, first = results["columns"], results[results["columns"][0]]
+    rows = [(name, name, [results[c][name] for c in columns]) for name in first if name not in ("by_group", "predictions")]
     for group, scores in first["by_group"].items():
-        lines += [line(f"{group} / {name}", name, [results[c]["by_group"][group][name] for c in columns])
-                  for name in scores if name in ("perplexity", "exact_match", "phrase_present")]
+        rows += [(f"{group} / {name}", name, [results[c]["by_group"][group][name] for c in columns])
+                 for name in scores if name in ("perplexity", "exact_match", "phrase_present")]
+    return rows
+
+
+def better_direction(name: str) -> Optional[bool]:
+    """True: higher is better; False: lower (perplexity too); None: nearest 1 (length_ratio)."""
+    return METRICS[name].higher_is_better if name in METRICS else False
+
+
+def sample_indices(n_examples: int, count: int) -> list[int]:
+    """`count` indices spread evenly over the examples."""
+    step = max(1, n_examples // max(count, 1))
+    return list(range(0, n_examples, step))[:count]
+
+
+def question_of(prompt: str) -> str:
+    """The user's question in a rendered chat prompt (the line before the assistant header), or its last line."""
+    lines = prompt.strip().splitlines()
+    return lines[-2] if len(lines) > 1 else lines[-1]
+
+
+def format_table(results: dict) -> str:
+    names = column_names(results)
+    width = max(10, *(len(n) + 2 for n in names))
+    lines = [f"{'metric (' + results['data'] + ')':<40}" + "".join(f"{n:>{width}}" for n in names) + "   better",
+             "-" * (40 + width * len(names) + 12)]
+    for label, name, values in table_rows(results):
+        better = {True: "higher", False: "lower", None: "nearer 1"}[better_direction(name)]
+        lines.append(f"{label:<40}" + "".join(f"{v:>{width}.3f}" for v in values) + f"   {better}")
     return "\n".join(lines)
 
 
 def format_samples(results: dict, count: int) -> str:
     lines = []
-    step = max(1, len(results["examples"]) // max(count, 1))
-    for i in list(range(0, len(results["examples"]), step))[:count]:
+    for i in sample_indices(len(results["examples"]), count):
         ex = results["examples"][i]
-        question = ex["prompt"].strip().splitlines()
-        lines += [f"\nQ: {question[-2] if len(question) > 1 else question[-1]}", f"  expected: {ex['reference']}"]
-        lines += [f"  {(Path(c).name or c) + ':':<10}{results[c]['predictions'][i]}" for c in results["columns"]]
+        lines += [f"\nQ: {question_of(ex['prompt'])}", f"  expected: {ex['reference']}"]
+        lines += [f"  {name + ':':<10}{results[c]['predictions'][i]}" for c, name in zip(results["columns"], column_names(results))]
     return "\n".join(lines)

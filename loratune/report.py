@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from .evaluate import METRICS
+from .evaluate import better_direction, column_names, normalize_answer, question_of, sample_indices, table_rows
 from .tracking import Tracker
 
 STYLE = """
@@ -41,26 +41,16 @@ def _fmt(value) -> str:
 
 
 def _metrics_table(ev: dict) -> str:
-    columns = ev["columns"]
-    names = [Path(c).name or c for c in columns]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in column_names(ev))
     rows = []
-
-    def row(label: str, name: str, values: list[float]) -> str:
-        higher = METRICS[name].higher_is_better if name in METRICS else False
+    for label, name, values in table_rows(ev):
+        higher = better_direction(name)
         cells = [f'<td class="num">{v:.3f}</td>' for v in values]
         if len(values) > 1 and values[-1] != values[0]:
-            # higher_is_better None means nearest 1 is best (length_ratio)
             better = abs(values[-1] - 1) < abs(values[0] - 1) if higher is None else (values[-1] > values[0]) == higher
             cells[-1] = f'<td class="num {"good" if better else "bad"}">{values[-1]:.3f}</td>'
         arrow = {True: "↑ higher is better", False: "↓ lower is better", None: "≈ 1 is best"}[higher]
-        return f"<tr><td>{html.escape(label)}</td>{''.join(cells)}<td class=muted>{arrow}</td></tr>"
-
-    first = ev[columns[0]]
-    rows += [row(name, name, [ev[c][name] for c in columns]) for name in first if name not in ("by_group", "predictions")]
-    for group, scores in first["by_group"].items():
-        rows += [row(f"{group} · {name}", name, [ev[c]["by_group"][group][name] for c in columns])
-                 for name in scores if name in ("perplexity", "exact_match", "phrase_present")]
+        rows.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}<td class=muted>{arrow}</td></tr>")
     return f"<table><tr><th>metric ({html.escape(ev['data'])})</th>{head}<th></th></tr>{''.join(rows)}</table>"
 
 
@@ -68,22 +58,17 @@ def _samples(ev: dict, count: int) -> str:
     examples = ev["examples"]
     if not examples:
         return "<p class=muted>No generative examples in the evaluation data.</p>"
-    step = max(1, len(examples) // count)
-    names = [Path(c).name or c for c in ev["columns"]]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in column_names(ev))
     rows = []
-    from .evaluate import normalize_answer
-
-    for i in list(range(0, len(examples), step))[:count]:
-        question = examples[i]["prompt"].strip().splitlines()
+    for i in sample_indices(len(examples), count):
         reference = examples[i]["reference"]
         cells = []
         for c in ev["columns"]:
             answer = ev[c]["predictions"][i]
             hit = normalize_answer(answer) == normalize_answer(reference)
             cells.append(f'<td><span class="{"ok" if hit else "miss"}">{"✓" if hit else "✗"}</span> {html.escape(answer)}</td>')
-        prompt = question[-2] if len(question) > 1 else question[-1]
-        rows.append(f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(reference)}</td>{''.join(cells)}</tr>")
+        rows.append(f"<tr><td>{html.escape(question_of(examples[i]['prompt']))}</td><td>{html.escape(reference)}</td>"
+                    f"{''.join(cells)}</tr>")
     return f"<table><tr><th>prompt</th><th>expected</th>{head}</tr>{''.join(rows)}</table>"
 
 
