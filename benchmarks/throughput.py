@@ -201,6 +201,8 @@ def main() -> None:
         ours = runs["loratune (packed, no contamination)"]["tokens_per_s"]
         for name, r in runs.items():
             results["rows"].append({"shape": shape, "setup": name, **r, "loratune_ratio": ours / r["tokens_per_s"]})
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after every shape: a timeout keeps what finished
+        print(format_table(results), flush=True)
     if args.guard:
         results["equal_quality"] = equal_quality_check(save_model("gpt2", tmp / "guard-model"), tmp, "gpt2")
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -104,3 +104,22 @@ def test_report_is_one_self_contained_page(run, tmp_path):
     assert "<th>metric (held-out split)</th><th>base</th><th>run</th>" in page
     assert page.count("<td><span class=") == 3 * 2  # 3 samples x (base, run)
     assert "<summary>config.yaml</summary>" in page and "qa.jsonl: " in page  # config and data mix
+
+
+@pytest.mark.parametrize("arch_dir", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_dir, request):
+    from loratune.data import Example, collate
+    from loratune.infer import greedy_decode
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch_dir)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # unequal lengths: left padding matters
+    batch = collate([Example(p, p, {}) for p in prompts], pad_id=0, pad_left=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    eos = int(first[1, -1])  # row 1 stops at once: finished rows must continue with pad
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              pad_token_id=0, eos_token_id=eos)[:, ids.shape[1]:]
+    got = greedy_decode(model, ids, mask, max_new_tokens=12, eos_id=eos, pad_id=0, check_every=4)
+    assert got[:, : expected.shape[1]].tolist() == expected.tolist()
+    assert (got[:, expected.shape[1]:] == 0).all()  # decoding past the common end only adds pad
+    assert got[1, 0] == eos and (got[1, 1:] == 0).all()

@@ -1,0 +1,220 @@
+"""End to end, a small job shaped like our users': train a LoRA adapter on short prompt -> answer pairs, then
+answer held-out prompts greedily. loratune against a hand-written fp32 peft loop with HF `generate`.
+
+Run (on a CUDA machine; the peer takes a few minutes on an H100):
+    python benchmarks/end_to_end.py --out benchmarks/results/end-to-end.json
+
+The job: 4,700 pairs of ~24 prompt + ~22 answer tokens ("Reverse the order of these words: ..."), 2 epochs,
+LoRA r=8 on q/k/v/o, then greedy answers of up to 60 tokens for 630 held-out prompts. Both sides use the same
+examples (tokenized once by loratune), the same LoRA, learning rate, schedule and gradient clipping; they differ
+in what each does best: the peer trains in fp32 on padded batches of 16 and generates with `generate` in
+batches of 16; loratune trains bf16 packed rows (4 x 256 tokens, about 20 examples, so a similar number of
+steps) and decodes all prompts in large batches. The final eval loss is measured the same way for both: fp32
+weights, mean NLL per answer token of the 630 held-out pairs. Times are wall-clock and include loading the
+model and saving (training) or loading (loratune's generation) the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
+from loratune.data import Example, collate, load_data  # noqa: E402
+from loratune.evaluate import METRICS, nll_and_count, reference_of  # noqa: E402
+from loratune.infer import generate_batch, load  # noqa: E402
+from loratune.model import load_adapter, load_base_model, load_tokenizer, resolve_source  # noqa: E402
+from loratune.train import lr_lambda, pick_device, train  # noqa: E402
+
+WORDS = ("apple river stone cloud garden window candle forest silver basket mirror ladder island pencil rocket "
+         "blanket castle violin dragon meadow harbor lantern pepper tiger velvet wagon anchor bridge copper desert "
+         "falcon glacier hammer jungle kettle lemon marble needle orchard parrot quartz ribbon saddle thunder umbrella "
+         "valley walnut yellow zebra acorn bottle cactus dolphin engine feather giraffe helmet iguana jacket kitten "
+         "lizard magnet napkin ocean pillow rabbit spider tomato unicorn volcano whistle button carpet donkey eagle "
+         "fossil goblet hornet igloo jigsaw koala lobster mango nutmeg otter panda raven salmon tulip").split()
+
+
+def write_pairs(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(8, 12))
+        lines.append(json.dumps({"prompt": "Reverse the order of these words: " + " ".join(words) + "\nReversed:",
+                                 "response": " " + ", ".join(reversed(words))}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def job_config(model: str, data_file: Path, out: Path, targets: list[str], lr: float, epochs: float,
+               rows: int, row_len: int, fast: str) -> Config:
+    return Config(model=ModelConfig(name=model),
+                  lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=targets),
+                  data=DataConfig(datasets=[DatasetConfig(path=str(data_file), format="completion")], max_length=row_len,
+                                  max_samples_per_dataset=None, cache_dir=None, packing=True),
+                  train=TrainConfig(batch_size=rows, lr=lr, num_epochs=epochs, warmup_ratio=0.03, report_to=[],
+                                    log_every=50, fast=fast),
+                  output_dir=str(out))
+
+
+def eval_loss(model: torch.nn.Module, held_out: list[Example], pad_id: int) -> float:
+    """Mean NLL per answer token, fp32, no autocast: the same measurement for every side."""
+    total, count = nll_and_count(model.float().eval(), held_out, pad_id, batch_size=64)
+    return total / count
+
+
+def exact_match(predictions: list[str], held_out: list[Example], tok) -> float:
+    return METRICS["exact_match"].fn(predictions, [[reference_of(e, tok)] for e in held_out])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_peer(cfg: Config, train_set: list[Example], held_out: list[Example], tok, device: torch.device,
+             out: Path, max_new_tokens: int, batch_size: int = 16) -> dict:
+    """The hand-written loop most tutorials show: fp32, padded batches, HF loss, `generate` in batches of 16."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    src, kwargs = resolve_source(cfg.model.name)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs).to(device)
+    model = get_peft_model(model, PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 target_modules=cfg.lora.target_modules))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    per_epoch = len(train_set) // batch_size
+    steps = int(per_epoch * cfg.train.num_epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, steps))
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(train_set), generator=generator).tolist()
+        batch = collate([train_set[i] for i in order[(step % per_epoch) * batch_size:][:batch_size]], tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.save_pretrained(out)
+    synchronize(device)
+    train_s = time.perf_counter() - start
+
+    model.eval()
+    tok.padding_side = "left"
+    prompts = [tok.decode(e.input_ids[: e.prompt_len]) for e in held_out]
+    start = time.perf_counter()
+    predictions = []
+    with torch.no_grad():
+        for first in range(0, len(prompts), batch_size):
+            enc = tok(prompts[first : first + batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(device)
+            generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            predictions += tok.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    synchronize(device)
+    generate_s = time.perf_counter() - start
+    predictions = [p.strip() for p in predictions]
+    return {"train_s": train_s, "generate_s": generate_s, "steps": steps, "eval_loss": eval_loss(model, held_out, tok.pad_token_id),
+            "exact_match": exact_match(predictions, held_out, tok), "peak_gib": peak_gib(device)}
+
+
+def run_loratune(cfg: Config, held_out: list[Example], tok, device: torch.device, max_new_tokens: int,
+                 gen_batch: int) -> dict:
+    start = time.perf_counter()
+    run_dir, final = train(cfg)
+    synchronize(device)
+    train_s = time.perf_counter() - start
+    train_peak = peak_gib(device)
+
+    start = time.perf_counter()
+    model, run_tok = load(run_dir, device=device.type)
+    predictions = generate_batch(model, run_tok, [e.input_ids[: e.prompt_len] for e in held_out], max_new_tokens,
+                                 batch_size=gen_batch)
+    synchronize(device)
+    generate_s = time.perf_counter() - start
+    fp32_model = load_adapter(load_base_model(dataclasses.replace(cfg.model, dtype="float32"), device), run_dir)
+    return {"train_s": train_s, "generate_s": generate_s, "steps": final["steps"], "tokens_per_s": final["tokens"] / final["train_seconds"],
+            "eval_loss": eval_loss(fp32_model, held_out, tok.pad_token_id),
+            "exact_match": exact_match(predictions, held_out, tok), "peak_gib": train_peak}
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name (default: the embedded model)")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    parser.add_argument("--pairs", type=int, default=4700)
+    parser.add_argument("--held-out", type=int, default=630)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--gen-batch", type=int, default=256, help="loratune's generation batch size")
+    parser.add_argument("--variants", nargs="+", default=["fast", "packed-eager"],
+                        help="loratune runs: fast (train.fast=on: compiled) and/or packed-eager (train.fast=off, packing on)")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/end-to-end.json")
+    args = parser.parse_args()
+
+    device = pick_device("auto")
+    tmp = Path(tempfile.mkdtemp())
+    train_file, held_file = write_pairs(tmp / "train.jsonl", args.pairs, 0), write_pairs(tmp / "held.jsonl", args.held_out, 1)
+    cfg = job_config(args.model, train_file, tmp / "run", args.targets, args.lr, args.epochs, rows=4, row_len=256, fast="on")
+    tok = load_tokenizer(cfg.model)
+    train_set = load_data(cfg.data, tok, 0)[0]
+    held_out = load_data(dataclasses.replace(cfg.data, datasets=[DatasetConfig(path=str(held_file), format="completion")]),
+                         tok, 0)[0]
+    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+                     "pairs": len(train_set), "held_out": len(held_out), "lr": args.lr, "epochs": args.epochs,
+                     "mean_tokens": sum(len(e.input_ids) for e in train_set) / len(train_set), "runs": {}}
+
+    def record(name: str, result: dict) -> None:
+        results["runs"][name] = result
+        print(name, json.dumps(result), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after every run: a timeout keeps what finished
+
+    for variant in args.variants:
+        fast = {"fast": "on", "packed-eager": "off"}[variant]
+        variant_cfg = dataclasses.replace(cfg, output_dir=str(tmp / f"run-{variant}"),
+                                          train=dataclasses.replace(cfg.train, fast=fast))
+        record(f"loratune ({variant})", run_loratune(variant_cfg, held_out, tok, device, args.max_new_tokens, args.gen_batch))
+    if not args.no_peer:
+        record("peer: fp32 peft loop + generate b16", run_peer(cfg, train_set, held_out, tok, device, tmp / "peer",
+                                                             args.max_new_tokens))
+    print(format_table(results))
+
+
+def format_table(results: dict) -> str:
+    lines = [f"device: {results['device']}, torch {results['torch']}; {results['pairs']} pairs x {results['epochs']:g} "
+             f"epochs (mean {results['mean_tokens']:.0f} tokens), {results['held_out']} held-out prompts", "",
+             "| setup | steps | train s | generate s | total s | eval loss | exact match | peak GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["runs"].items():
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        lines.append(f"| {name} | {r['steps']} | {r['train_s']:.1f} | {r['generate_s']:.1f} | "
+                     f"{r['train_s'] + r['generate_s']:.1f} | {r['eval_loss']:.4f} | {r['exact_match']:.3f} | {peak} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
