@@ -57,18 +57,21 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_weights(model: torch.nn.Module, tok: Optional[PreTrainedTokenizerBase], folder: Path) -> None:
-    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full fine-tuning, the whole model."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_weights(model: torch.nn.Module, tok: Optional[PreTrainedTokenizerBase], folder: Path,
+                 state_dict: Optional[dict] = None) -> None:
+    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full fine-tuning, the whole model.
+    `state_dict`: the full weights of a sharded (FSDP) model, gathered by every rank."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     if tok is not None:
         tok.save_pretrained(folder)
 
 
-def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict) -> None:
+def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict,
+             state_dict: Optional[dict] = None) -> None:
     """Write the final weights, tokenizer + chat template, config and final metrics into the run directory."""
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tmp-") as tmp:
         tmp = Path(tmp)
-        save_weights(model, tok, tmp)
+        save_weights(model, tok, tmp, state_dict)
         save_config(cfg, tmp / "config.yaml")
         (tmp / "final_metrics.json").write_text(json.dumps(final, indent=2))
         for f in tmp.iterdir():
@@ -99,18 +102,23 @@ def set_rng_state(plain: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all(list(tensors["cuda"]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, scaler, state: dict,
-                    keep: int, protect: Optional[str] = None) -> Path:
-    """Write checkpoints/step-N atomically, then keep the newest `keep` (and `protect`, the best one)."""
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: dict, scheduler, scaler,
+                    state: dict, keep: int, protect: Optional[str] = None, rngs: Optional[list[tuple[dict, dict]]] = None,
+                    weights: Optional[dict] = None) -> Path:
+    """Write checkpoints/step-N atomically, then keep the newest `keep` (and `protect`, the best one).
+    `rngs`: every rank's rng_state() in a distributed run (rank 0's goes to rng.pt, rank r's to rng-rank{r}.pt);
+    `weights`: the gathered full weights of a sharded model."""
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-step-{step:06d}-"))
-    save_weights(model, None, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    save_weights(model, None, tmp, weights)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-    plain, tensors = rng_state()
+    (plain, tensors), *others = rngs or [rng_state()]
     torch.save(tensors, tmp / "rng.pt")
+    for rank, (other_plain, other_tensors) in enumerate(others, start=1):
+        torch.save({"plain": other_plain, "tensors": other_tensors}, tmp / f"rng-rank{rank}.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain}))
     _replace_dir(tmp, final)
     for old in completed_checkpoints(run_dir)[:-keep] if keep > 0 else []:
@@ -141,8 +149,8 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler) -> dict:
-    """Restore everything save_checkpoint wrote; returns its state (step, batches consumed, ...)."""
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Put a checkpoint's weights into the (not yet wrapped or sharded) model."""
     from safetensors.torch import load_file
 
     weights = path / "adapter_model.safetensors"
@@ -150,18 +158,30 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, sc
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(weights))
-    else:  # method: full. Tied weights (an LM head sharing the embedding) are stored once, so strict=False...
-        missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-        current = model.state_dict()
-        loaded = {current[k].data_ptr() for k in current if k not in missing}
-        untied = [k for k in missing if current[k].data_ptr() not in loaded]  # ...but nothing else may be absent
-        if unexpected or untied:
-            raise RunDirError(f"{path}: checkpoint does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})")
+        return
+    # method: full. Tied weights (an LM head sharing the embedding) are stored once, so strict=False...
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    current = model.state_dict()
+    loaded = {current[k].data_ptr() for k in current if k not in missing}
+    untied = [k for k in missing if current[k].data_ptr() not in loaded]  # ...but nothing else may be absent
+    if unexpected or untied:
+        raise RunDirError(f"{path}: checkpoint does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_training_state(path: Path, load_optimizer, scheduler, scaler, rank: int = 0) -> dict:
+    """Restore the optimizer (through `load_optimizer(saved_state)`), scheduler, scaler and RNG states that
+    save_checkpoint wrote; return its state (step, batches consumed, ...). Rank r restores its own RNG
+    states; a rank the saving run did not have (resumed on more processes) keeps its fresh seed."""
     saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])
     state = json.loads((path / "state.json").read_text())
-    set_rng_state(state.pop("rng"), torch.load(path / "rng.pt", weights_only=True))
+    plain = state.pop("rng")
+    if rank == 0:
+        set_rng_state(plain, torch.load(path / "rng.pt", weights_only=True))
+    elif (path / f"rng-rank{rank}.pt").is_file():
+        saved_rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
+        set_rng_state(saved_rng["plain"], saved_rng["tensors"])
     return state

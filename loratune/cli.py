@@ -50,7 +50,14 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR's newest checkpoint, with its config.yaml unless CONFIG is given")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train with N processes on this machine (one per GPU): the same as torchrun "
+                             "--standalone --nproc_per_node N -m loratune train ...")
     args, rest = parser.parse_known_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        return launch(args.nproc, [a for i, a in enumerate(argv) if not _is_nproc_arg(argv, i)])
     if args.config and args.config.startswith("--"):
         rest, args.config = [args.config] + rest, None
     from pathlib import Path
@@ -62,11 +69,16 @@ def _train(argv: list[str]) -> int:
         overrides.append(("output_dir", args.resume))
     cfg = load_config(args.config or (Path(args.resume) / "config.yaml" if args.resume else None), overrides)
     run_dir, final = train(cfg, overwrite=args.overwrite, resume=True if args.resume else None)
-    if final.get("interrupted"):
+    if final.get("interrupted") or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
         return 0
     print(f"run saved to {run_dir}  (final loss {final['train_loss']:.4f}, {final['steps']} steps)")
     print(f"next: loratune eval {run_dir}   |   loratune chat {run_dir}")
     return 0
+
+
+def _is_nproc_arg(argv: list[str], i: int) -> bool:
+    """`--nproc N`, `--nproc=N`: the launcher's own option, not passed on to the processes it starts."""
+    return argv[i] == "--nproc" or argv[i].startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
 
 
 def _eval(argv: list[str]) -> int:

@@ -162,6 +162,9 @@ class TrainConfig:
     """An eval counts as an improvement only if it beats the best by more than this."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Trackers besides metrics.jsonl: tensorboard (skipped when not installed), wandb, mlflow."""
+    parallel: str = "ddp"
+    """With several processes (torchrun, --nproc): `ddp` keeps a whole model on every GPU; `fsdp` (FSDP2) shards
+    weights, gradients and optimizer state for models that don't fit on one GPU."""
     fast: str = "auto"
     """GPU fast path: packing, flex attention, mask + model + loss compiled as one graph, fused AdamW.
     `auto` (on with CUDA), `on` or `off`."""

@@ -12,18 +12,21 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (RunDirError, check_run_dir, clear_run_dir, latest_checkpoint, load_checkpoint,
-                         save_checkpoint, save_run)
-from .config import Config, DataConfig, TrainConfig, save_config
-from .data import IGNORE, Example, collate, load_data
-from .fast import collate_packed, pack_rows, packed_nll, use_packed_attention
+from .batches import all_batches, epoch_batches, to_device_batch, token_counts
+from .checkpoint import (RunDirError, check_run_dir, clear_run_dir, latest_checkpoint, load_training_state, load_weights,
+                         rng_state, save_checkpoint, save_run)
+from .config import Config, TrainConfig, save_config
+from .data import IGNORE, Example, load_data
+from .distributed import (Dist, any_rank, barrier, check_grad_accum, full_weights, gather_to_main, gradient_sync, inner,
+                          is_sharded, load_optimizer_state, my_share, optimizer_state, setup, sum_over_ranks, teardown, wrap)
+from .evaluate import generation_metrics, held_out_losses
+from .fast import pack_rows, packed_nll, use_packed_attention
 from .model import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
 from .tracking import Tracker
 
@@ -110,86 +113,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def epoch_batches(examples: list[Example], batch_size: int, row_len: int | None, seed: int, epoch: int) -> list:
-    """One epoch's batches, fixed by seed + epoch: lists of examples, or with packing lists of rows of examples."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    if row_len is None:
-        items = [examples[i] for i in order]
-    else:
-        items = [[examples[i] for i in row] for row in pack_rows(examples, order, row_len)]
-    batch_size = min(batch_size, len(items))
-    return [items[s : s + batch_size] for s in range(0, len(items) - batch_size + 1, batch_size)]
-
-
-def all_batches(examples: list[Example], batch_size: int, row_len: int | None, seed: int, skip: int = 0) -> Iterator[list]:
-    """Every batch in order, forever, starting after the first `skip` (the data position of a resumed run)."""
-    epoch = 0
-    while True:
-        batches = epoch_batches(examples, batch_size, row_len, seed, epoch)
-        if skip >= len(batches):
-            skip -= len(batches)
-        else:
-            yield from batches[skip:]
-            skip = 0
-        epoch += 1
-
-
 def total_steps(tc: TrainConfig, batches_per_epoch: int) -> int:
     if tc.max_steps is not None:
         return tc.max_steps
     return max(1, math.ceil(batches_per_epoch // tc.grad_accum * tc.num_epochs))
 
 
-def to_device_batch(items: list, data: DataConfig, pad_id: int, device: torch.device, packed: bool) -> tuple[dict, int, int]:
-    """Collate on the CPU and copy over; returns (batch, trained tokens, real tokens), counted on the CPU so
-    that the step needs no host sync."""
-    if packed:
-        batch = collate_packed(items, data.max_length, pad_id)
-        n_trained, n_real = int((batch["targets"] != IGNORE).sum()), int((batch["doc_ids"] >= 0).sum())
-    else:
-        batch = collate(items, pad_id)
-        n_trained, n_real = int((batch["labels"][:, 1:] != IGNORE).sum()), int(batch["attention_mask"].sum())
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}, n_trained, n_real
+class SummedNLL(torch.nn.Module):
+    """A batch's summed next-token NLL as a module's forward: DistributedDataParallel synchronises the gradients
+    of what its wrapped forward ran, and the fast path calls the backbone and head directly."""
 
+    def __init__(self, model: torch.nn.Module, loss_fn, packed: bool):
+        super().__init__()
+        self.model, self.loss_fn, self.packed = model, loss_fn, packed
 
-@torch.no_grad()
-def held_out_losses(model: torch.nn.Module, held_out: list[Example], nll_of, autocast) -> dict[str, float]:
-    """Mean held-out loss (nats per trained token), overall and per dataset; nll_of(examples) -> (sum, count)."""
-    model.eval()
-    by_dataset: dict[str, list[Example]] = {}
-    for e in held_out:
-        by_dataset.setdefault(e.record.get("dataset", "data"), []).append(e)
-    with autocast:
-        sums = {name: nll_of(group) for name, group in by_dataset.items()}
-    model.train()
-    out = {"eval_loss": sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)}
-    if len(sums) > 1:
-        out.update({f"eval_loss/{name}": t / max(n, 1) for name, (t, n) in sums.items()})
-    return out
-
-
-@torch.no_grad()
-def generation_metrics(model: torch.nn.Module, tok, sample: list[Example], max_new_tokens: int, packed: bool,
-                       autocast) -> dict[str, float]:
-    """Greedy answers for a fixed held-out sample, scored like `loratune eval` (keys prefixed gen/)."""
-    from .evaluate import score_generations
-    from .fast import ATTENTION_NAME
-    from .infer import generate_batch
-
-    causal_lm = unwrap_causal_lm(model)
-    model.eval()
-    if packed:  # generation pads and caches; it needs the model's ordinary attention
-        causal_lm.set_attn_implementation("sdpa")
-    try:
-        with autocast:
-            predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in sample], max_new_tokens,
-                                         batch_size=len(sample))
-    finally:
-        if packed:
-            causal_lm.set_attn_implementation(ATTENTION_NAME)
-        model.train()
-    return {f"gen/{k}": v for k, v in score_generations(sample, predictions, tok).items()}
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.packed:
+            return sum_token_nll(self.model, batch)[0]
+        causal_lm = unwrap_causal_lm(self.model)
+        return self.loss_fn(getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings(), batch)
 
 
 class StopRequest:
@@ -219,9 +161,21 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     """Train a LoRA adapter as `cfg` says; return the run directory and the final metrics.
 
     `resume=True` continues output_dir's newest checkpoint (an error if there is none); None follows train.resume.
+    Under torchrun every process calls this; see loratune.distributed for how they share the work.
     """
     tc = cfg.train
+    d = setup(tc.device)
+    check_grad_accum(tc.grad_accum, d)
+    if not d.main:
+        log.setLevel(logging.WARNING)  # one process reports; the others speak only of trouble
+    if d.enabled and tc.parallel == "fsdp" and tc.generate_every_evals:
+        raise ValueError("train.generate_every_evals needs the whole model on rank 0; set it to 0 with train.parallel=fsdp")
+    if not tc.best_metric.startswith("eval_loss"):
+        raise ValueError(f"train.best_metric: '{tc.best_metric}' should be eval_loss or eval_loss/DATASET")
     run_dir = Path(cfg.output_dir)
+    if d.main:
+        latest_checkpoint(run_dir)  # clears what an interrupted checkpoint write left, once, before anyone reads
+    barrier(d)
     checkpoint = latest_checkpoint(run_dir)
     resuming = resume if resume is not None else _choice("train.resume", tc.resume, ("never", "auto")) == "auto"
     if resume and checkpoint is None:
@@ -231,6 +185,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
         check_run_dir(run_dir, overwrite)
     seed_everything(tc.seed)
     device = pick_device(tc.device)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", d.local_rank)
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
         torch.use_deterministic_algorithms(True)
@@ -245,18 +201,26 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     for line in report:
         log.info("data: %s", line)
     model = prepare_for_training(load_base_model(cfg.model, device), cfg.method, cfg.lora)
+    if resuming:
+        load_weights(checkpoint, model)  # before DDP or FSDP wraps the model
+    if d.enabled:
+        torch.manual_seed(tc.seed + d.rank)  # same initial weights everywhere, but each rank its own dropout masks
     if tc.gradient_checkpointing:
         # Non-reentrant checkpointing gives the LoRA weights their gradients even though the frozen inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     causal_lm = unwrap_causal_lm(model)
-    backbone, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
     if packed:
         use_packed_attention(model)
     loss_fn = packed_nll
     if fast and device.type == "cuda":
         loss_fn = torch.compile(packed_nll, dynamic=False)  # packed rows have one shape: one compilation
-    log.info("path: %s", "fast (packed, compiled)" if fast else "packed" if packed else "plain (padded batches)")
+    log.info("path: %s%s", "fast (packed, compiled)" if fast else "packed" if packed else "plain (padded batches)",
+             f", {d.world} processes" if d.enabled else "")
+    nll_module = SummedNLL(model, loss_fn, packed)
+    if d.enabled:
+        nll_module = wrap(nll_module, causal_lm, tc.parallel, d, device)
+    sharded = is_sharded(nll_module)
 
     row_len = cfg.data.max_length if packed else None
     steps = total_steps(tc, len(epoch_batches(train_set, tc.batch_size, row_len, tc.seed, 0)))
@@ -264,32 +228,46 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, steps))
 
-    if overwrite and not resuming:
-        clear_run_dir(run_dir)  # only now that loading worked: a failed start leaves the old run as it was
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))  # the realised mix, for `loratune report`
+    if d.main:
+        if overwrite and not resuming:
+            clear_run_dir(run_dir)  # only now that loading worked: a failed start leaves the old run as it was
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty run behind
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))  # the realised mix, for `loratune report`
+    barrier(d)
     state = {"batches": 0, "evals": 0, "best": None, "best_checkpoint": None, "evals_without_improvement": 0}
     if resuming:
-        state.update(load_checkpoint(checkpoint, model, optimizer, scheduler, scaler))
+        state.update(load_training_state(
+            checkpoint, lambda saved: load_optimizer_state(nll_module, optimizer, saved, str(checkpoint)),
+            scheduler, scaler, rank=d.rank))
         log.info("resumed from %s (step %d)", checkpoint, state["step"])
     start = state.get("step", 0)
-    tracker = Tracker(run_dir, tc.report_to, dataclasses.asdict(cfg), resume_step=start)
+    tracker = Tracker(run_dir, tc.report_to, dataclasses.asdict(cfg), resume_step=start) if d.main else None
     batches = all_batches(train_set, tc.batch_size, row_len, tc.seed, skip=state["batches"])
 
     def nll_of(examples: list[Example]) -> tuple[float, int]:
-        """Held-out NLL through the same path as training; packed batches keep the training shape (no recompile)."""
-        if not packed:
-            from .evaluate import nll_and_count
-
-            return nll_and_count(model, examples, tok.pad_token_id)
-        rows = pack_rows(examples, list(range(len(examples))), row_len)
+        """Held-out NLL through the training path; packed batches keep the training shape (no recompile)."""
+        if packed:
+            rows = pack_rows(examples, list(range(len(examples))), row_len)
+            groups = [[[examples[i] for i in row] for row in rows[f : f + tc.batch_size]]
+                      for f in range(0, len(rows), tc.batch_size)]
+        else:
+            groups = [examples[f : f + tc.batch_size] for f in range(0, len(examples), tc.batch_size)]
         total, count = 0.0, 0
-        for first in range(0, len(rows), tc.batch_size):
-            group = [[examples[i] for i in row] for row in rows[first : first + tc.batch_size]]
-            batch, n, _ = to_device_batch(group + [[]] * (tc.batch_size - len(group)), cfg.data, tok.pad_token_id, device, True)
-            total, count = total + loss_fn(backbone, head, batch).item(), count + n
+        for group in groups:
+            padded = group + [[]] * (tc.batch_size - len(group)) if packed else group
+            batch = to_device_batch(padded, cfg.data, tok.pad_token_id, device, packed)
+            total, count = total + inner(nll_module)(batch).item(), count + token_counts(group, packed)[0]
         return total, count
+
+    def write_checkpoint(step: int) -> None:
+        rngs = gather_to_main(rng_state(), d)  # every rank's RNG, so every rank resumes its own dropout stream
+        weights, optim = full_weights(model) if sharded else None, optimizer_state(nll_module, optimizer)
+        if d.main:
+            save_checkpoint(run_dir, step, model, optim, scheduler, scaler,
+                            {k: v for k, v in state.items() if k != "step"}, tc.keep_checkpoints,
+                            protect=state["best_checkpoint"], rngs=rngs, weights=weights)
+        barrier(d)
 
     gen_sample = [e for e in held_out if e.prompt_len > 0][: tc.generate_samples]
     pending: list[tuple[int, torch.Tensor, int, float, int]] = []  # losses stay on the device until a sync
@@ -297,37 +275,48 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     seen_tokens, start_time, loss_value, lr, stop_reason = tokens_at_start, time.perf_counter(), float("nan"), tc.lr, None
 
     def sync() -> None:
-        """Bring pending losses to the host: log them, and stop on NaN/inf before anything is checkpointed."""
+        """Bring pending losses to the host (summed over ranks): log them, and stop on NaN/inf before anything
+        is checkpointed. Every rank calls it at the same steps."""
         nonlocal loss_value
         if not pending:
             return
         elapsed = time.perf_counter() - start_time
-        for (n_step, _, n_tok, step_lr, tokens), total in zip(pending, torch.stack([p[1] for p in pending]).tolist()):
+        totals = sum_over_ranks(torch.stack([p[1] for p in pending]), d).tolist()
+        for (n_step, _, n_tok, step_lr, tokens), total in zip(pending, totals):
             loss_value = total / n_tok
             if not math.isfinite(loss_value):
                 kept = latest_checkpoint(run_dir)
                 raise TrainingError(f"loss is {loss_value} at step {n_step}; stopping. Last good checkpoint: "
                                     f"{kept or 'none written yet'}. Try a lower train.lr, or precision bf16/fp32")
-            tracker.log_train({"step": n_step, "loss": loss_value, "lr": step_lr, "tokens": tokens,
-                               "tokens_per_s": (seen_tokens - tokens_at_start) / elapsed, "elapsed_s": elapsed})
-        tracker.flush()
+            if tracker:
+                tracker.log_train({"step": n_step, "loss": loss_value, "lr": step_lr, "tokens": tokens,
+                                   "tokens_per_s": (seen_tokens - tokens_at_start) / elapsed, "elapsed_s": elapsed})
+        if tracker:
+            tracker.flush()
         pending.clear()
 
     with StopRequest() as stop:
-        bar = tqdm(range(start, steps), desc="train", unit="step", dynamic_ncols=True, initial=start, total=steps)
+        bar = tqdm(range(start, steps), desc="train", unit="step", dynamic_ncols=True, initial=start, total=steps,
+                   disable=not d.main)
         for step in bar:
-            micro = [to_device_batch(next(batches), cfg.data, tok.pad_token_id, device, packed) for _ in range(tc.grad_accum)]
-            # Normalise by the trained tokens of the whole accumulated batch, so the update equals the
-            # one a single big batch would give, however the tokens fall across micro-batches.
-            n_trained = sum(n for _, n, _ in micro)
+            # Every rank draws the whole step from the same stream and trains on its share of the micro-batches.
+            micro = [next(batches) for _ in range(tc.grad_accum)]
+            counts = [token_counts(items, packed) for items in micro]
+            # Normalise by the trained tokens of the whole step (every micro-batch of every rank), so the update
+            # equals the one a single big batch would give, however the tokens fall across micro-batches.
+            n_trained = max(sum(trained for trained, _ in counts), 1)
+            seen_tokens += sum(real for _, real in counts)
+            mine = my_share(micro, d)
             step_nll = torch.zeros((), device=device)
-            for batch, _, n_real in micro:
-                with autocast:
-                    nll = loss_fn(backbone, head, batch) if packed else sum_token_nll(model, batch)[0]
-                loss = nll / n_trained
-                (scaler.scale(loss) if scaler else loss).backward()
+            for i, items in enumerate(mine):
+                batch = to_device_batch(items, cfg.data, tok.pad_token_id, device, packed)
+                # Gradients are averaged over ranks once, after this rank's last micro-batch; hence x world.
+                with gradient_sync(nll_module, on=i == len(mine) - 1):
+                    with autocast:
+                        nll = nll_module(batch)
+                    loss = nll * d.world / n_trained
+                    (scaler.scale(loss) if scaler else loss).backward()
                 step_nll += nll.detach()
-                seen_tokens += n_real
             if scaler:
                 scaler.unscale_(optimizer)
             if tc.grad_clip > 0:
@@ -353,11 +342,13 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
             checkpoint_now = done == steps or (tc.save_every and done % tc.save_every == 0)
             if tc.eval_every and (done % tc.eval_every == 0 or done == steps) and held_out:
                 sync()
-                metrics = held_out_losses(model, held_out, nll_of, autocast)
+                # FSDP gathers weights in every forward, so there each rank scores all of it (same number of calls).
+                metrics = held_out_losses(model, held_out, nll_of, autocast, Dist() if sharded else d, device)
                 state["evals"] += 1
-                if tc.generate_every_evals and state["evals"] % tc.generate_every_evals == 0 and gen_sample:
+                if tc.generate_every_evals and state["evals"] % tc.generate_every_evals == 0 and gen_sample and d.main:
                     metrics.update(generation_metrics(model, tok, gen_sample, cfg.eval.max_new_tokens, packed, autocast))
-                tracker.log_eval(done, metrics)
+                if tracker:
+                    tracker.log_eval(done, metrics)
                 log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if tc.best_metric not in metrics:
                     raise ValueError(f"train.best_metric: '{tc.best_metric}' is not among {sorted(metrics)}")
@@ -369,29 +360,34 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
                     state["evals_without_improvement"] += 1
                     if tc.early_stopping_patience and state["evals_without_improvement"] >= tc.early_stopping_patience:
                         stop_reason = f"early stopping: {tc.best_metric} has not improved for {tc.early_stopping_patience} evals"
-            if stop.signal:
-                stop_reason = f"{stop.signal} received"
+            if any_rank(stop.signal is not None, d):  # torchrun may deliver Ctrl-C to some ranks only
+                stop_reason = f"{stop.signal or 'a stop signal'} received"
             if checkpoint_now or stop_reason:
                 sync()
-                save_checkpoint(run_dir, done, model, optimizer, scheduler, scaler,
-                                {k: v for k, v in state.items() if k != "step"}, tc.keep_checkpoints,
-                                protect=state["best_checkpoint"])
+                write_checkpoint(done)
             if stop_reason:
                 break
         sync()
         bar.close()
-    tracker.close()
+    if tracker:
+        tracker.close()
 
     final = {"method": cfg.method, "trainable_parameters": count_parameters(model)[0],
              "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
              "steps": done if steps > start else start, "train_loss": loss_value, "tokens": seen_tokens - tokens_at_start,
              "train_seconds": time.perf_counter() - start_time, "held_out_examples": len(held_out),
-             "best": state["best"], "best_checkpoint": state["best_checkpoint"], "stopped": stop_reason}
+             "best": state["best"], "best_checkpoint": state["best_checkpoint"], "stopped": stop_reason,
+             "processes": d.world}
     if stop_reason and stop_reason.endswith("received"):
         log.warning("%s at step %d: checkpoint written. Resume with:  loratune train --resume %s",
                     stop_reason, final["steps"], run_dir)
+        teardown(d)
         return run_dir, {**final, "interrupted": True}
-    save_run(model, tok, cfg, run_dir, final)
+    weights = full_weights(model) if sharded else None
+    if d.main:
+        save_run(model, tok, cfg, run_dir, final, state_dict=weights)
+    barrier(d)
+    teardown(d)
     log.info("saved adapter to %s (%.0f s, final loss %.4f)%s", run_dir, final["train_seconds"], loss_value,
              f"; {stop_reason}" if stop_reason else "")
     return run_dir, final

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from loratune.shapes import byte_tokenizer, model_config
 
+
 def save_tiny(arch: str, path: Path) -> Path:
     torch.manual_seed(1234)
     tok = byte_tokenizer(chatml=arch == "llama")

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from test_train import tiny_config
 from transformers import AutoModelForCausalLM
 
 import loratune
 from loratune.infer import generate_file, merge
-from test_train import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,7 @@ def test_evaluate_reports_base_and_adapter_per_dataset(tiny_gpt2_dir, tmp_path, 
     import json
 
     from conftest import QA, write_jsonl
+
     from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, TrainConfig
     from loratune.evaluate import evaluate
     from loratune.train import train
@@ -134,10 +135,11 @@ def test_sliding_window_perplexity_scores_every_token_once():
 
 
 def test_sliding_window_eval_on_a_long_document(tiny_gpt2_dir, tmp_path):
+    from conftest import write_jsonl
+
     from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, TrainConfig
     from loratune.evaluate import evaluate
     from loratune.train import train
-    from conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": f"short line {i}"} for i in range(8)])
     cfg = Config(model=ModelConfig(name=str(tiny_gpt2_dir)), lora=LoraConfig(r=4), train=TrainConfig(max_steps=1, batch_size=4),

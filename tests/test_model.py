@@ -7,8 +7,14 @@ import torch
 from peft import PeftModel
 
 from loratune.config import LoraConfig, ModelConfig
-from loratune.model import (ModelLoadError, add_lora, load_base_model, load_tokenizer, resolve_source,
-                            resolve_target_modules)
+from loratune.model import (
+    ModelLoadError,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_source,
+    resolve_target_modules,
+)
 
 EXPECTED = {"gpt2": ["c_attn", "c_proj"], "gpt_neox": ["query_key_value", "dense"],
             "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}

@@ -2,9 +2,9 @@ import json
 
 import pytest
 import yaml
+from conftest import write_jsonl
 
 from loratune.cli import main
-from conftest import write_jsonl
 
 RULES = {
     "separator": " => ",

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import losses, tiny_config
 
 from loratune.checkpoint import completed_checkpoints
 from loratune.config import TrainConfig, config_to_dict
 from loratune.train import TrainingError, lr_lambda, param_groups, train
-from test_train import losses, tiny_config
 
 DRIVER = Path(__file__).with_name("resume_driver.py")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

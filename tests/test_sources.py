@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import write_jsonl
 
 from loratune.config import DataConfig, DatasetConfig, ModelConfig
 from loratune.data import DataError, load_data
 from loratune.model import load_tokenizer
-from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
