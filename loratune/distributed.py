@@ -110,15 +110,12 @@ def teardown(d: Dist) -> None:
         _owns_process_group = False
 
 
-def wrap(module: torch.nn.Module, causal_lm: torch.nn.Module, parallel: str, d: Dist,
-         device: torch.device) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, causal_lm: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
     """`ddp`: every rank holds the whole model, gradients are averaged. `fsdp` (FSDP2): parameters, gradients and
     optimizer state are sharded; each transformer block (the model's _no_split_modules) is gathered just
     before it runs and freed after, the rest (embeddings, head, final norm) with the root `module`."""
     if parallel == "ddp":
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    if parallel != "fsdp":
-        raise ValueError(f"train.parallel: '{parallel}' should be ddp or fsdp")
     from torch.distributed.fsdp import fully_shard
 
     blocks = set(getattr(causal_lm, "_no_split_modules", None) or [])

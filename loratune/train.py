@@ -168,7 +168,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
     check_grad_accum(tc.grad_accum, d)
     if not d.main:
         log.setLevel(logging.WARNING)  # one process reports; the others speak only of trouble
-    if d.enabled and tc.parallel == "fsdp" and tc.generate_every_evals:
+    parallel = _choice("train.parallel", tc.parallel, ("ddp", "fsdp"))
+    if d.enabled and parallel == "fsdp" and tc.generate_every_evals:
         raise ValueError("train.generate_every_evals needs the whole model on rank 0; set it to 0 with train.parallel=fsdp")
     if not tc.best_metric.startswith("eval_loss"):
         raise ValueError(f"train.best_metric: '{tc.best_metric}' should be eval_loss or eval_loss/DATASET")
@@ -219,7 +220,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None) -> t
              f", {d.world} processes" if d.enabled else "")
     nll_module = SummedNLL(model, loss_fn, packed)
     if d.enabled:
-        nll_module = wrap(nll_module, causal_lm, tc.parallel, d, device)
+        nll_module = wrap(nll_module, causal_lm, parallel, device)
     sharded = is_sharded(nll_module)
 
     row_len = cfg.data.max_length if packed else None

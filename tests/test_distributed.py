@@ -138,3 +138,10 @@ def test_fsdp_matches_one_process_and_resumes(runs, tmp_path):
     assert losses(resumed) == pytest.approx(losses(fsdp), rel=1e-6)
     for name, weight in adapter(fsdp).items():
         torch.testing.assert_close(adapter(resumed)[name], weight, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_parallel_mode_names_the_key(tiny_llama_dir, qa_file, tmp_path):
+    cfg = tiny_config(tiny_llama_dir, qa_file, tmp_path / "run", parallel="dpp", report_to=[])
+    with pytest.raises(ValueError, match=r"train.parallel: 'dpp' should be one of ddp, fsdp"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
