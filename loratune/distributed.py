@@ -149,10 +149,11 @@ _FULL = dict(full_state_dict=True, cpu_offload=True)
 
 
 def full_weights(model: torch.nn.Module) -> dict:
-    """The whole state dict of a sharded model, on rank 0's CPU; every rank must call it."""
+    """The trainable weights (and buffers) of a sharded model, whole, on rank 0's CPU; every rank must call it.
+    Frozen base weights are left out: a LoRA checkpoint stores only the adapter, so gathering them is wasted."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL, ignore_frozen_params=True))
 
 
 def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
