@@ -54,6 +54,8 @@ def _train(argv: list[str]) -> int:
                         help="train with N processes on this machine (one per GPU): the same as torchrun "
                              "--standalone --nproc_per_node N -m loratune train ...")
     args, rest = parser.parse_known_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc {args.nproc}: the number of processes must be 1 or more")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .distributed import launch
 

@@ -145,3 +145,9 @@ def test_unknown_parallel_mode_names_the_key(tiny_llama_dir, qa_file, tmp_path):
     with pytest.raises(ValueError, match=r"train.parallel: 'dpp' should be one of ddp, fsdp"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_nproc_below_one_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "loratune", "train", "--nproc", "0"], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--nproc 0: the number of processes must be 1 or more" in proc.stderr
