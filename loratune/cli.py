@@ -113,7 +113,7 @@ def _chat(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .infer import chat_loop, load
 
-    model, tok = load(args.run_dir, args.device)
+    model, tok = load(args.run_dir, args.device, merge_adapter=True)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     return 0
@@ -135,7 +135,7 @@ def _generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .infer import generate_file, load
 
-    model, tok = load(args.run_dir, args.device)
+    model, tok = load(args.run_dir, args.device, merge_adapter=True)
     options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
     if args.temperature > 0:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)

@@ -111,7 +111,7 @@ def length_penalty(predictions: list[str], references: list[list[str]]) -> float
 @torch.no_grad()
 def nll_and_count(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
     """Summed NLL and count of the trained tokens of `examples` (perplexity = exp(nll / count))."""
-    from .train import sum_token_nll
+    from .loss import sum_token_nll
 
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -3,7 +3,7 @@
 - Packing: examples are packed into fixed-length rows (static shapes, so torch.compile compiles once).
   Each example attends only to itself (flex attention with a document-causal block mask) and its
   position ids restart at 0, so a packed example computes exactly what it would alone.
-- One graph: the block mask, the backbone, the LM head and the cross-entropy are compiled together.
+- One graph: the block mask, the backbone, the LM head and the cross-entropy (loss.packed_nll) are compiled together.
   Measured on an H100 (GPT-2 shape, 16 x 1024 rows), that ran at 37 ms/step and 8.5 GiB peak, against
   77 ms/step for a compiled backbone followed by an eager chunked linear cross-entropy, which avoided
   full logits but cost more in memory traffic than it saved (see BENCHMARKS.md).
@@ -65,23 +65,22 @@ def collate_packed(rows: list[list[Example]], row_len: int, pad_id: int) -> dict
 
 
 def document_mask(doc_ids: torch.Tensor) -> BlockMask | torch.Tensor:
-    """Each token sees earlier tokens of its own document. A flex BlockMask on CUDA; on the CPU,
-    where flex attention has no backward, the same mask as a dense (B, 1, L, L) boolean tensor."""
-    if not doc_ids.is_cuda:
-        causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool).tril()
+    """Each token sees earlier tokens of its own document.
+
+    Inside a compiled graph on CUDA: a flex BlockMask (flex attention compiles to a fused kernel that skips the
+    masked blocks: the fast path's long rows need that). Elsewhere: the same mask as a dense (B, 1, L, L) boolean
+    tensor for SDPA, because flex attention outside a compiled graph must compile its own kernels first (about
+    17 s on an H100 at the first step of every run and row shape), and on the CPU it has no backward.
+    """
+    if not (doc_ids.is_cuda and torch.compiler.is_compiling()):
+        causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
         return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
     def same_document_causal(b, h, q, kv):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
 
     batch, length = doc_ids.shape
-    return create_block_mask(same_document_causal, batch, None, length, length, device=doc_ids.device,
-                             _compile=not torch.compiler.is_compiling())
-
-
-# Eager flex attention is a slow reference implementation; compiled it is a fused kernel. Inside an
-# already-compiled backbone the plain function is traced into that graph instead.
-_compiled_flex = torch.compile(flex_attention)
+    return create_block_mask(same_document_causal, batch, None, length, length, device=doc_ids.device, _compile=False)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -91,25 +90,18 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     mask = loratune_document_mask
     if mask is None:
         raise RuntimeError("the packed attention path needs loratune_document_mask; call the model through loratune.fast")
-    gqa = query.shape[1] != key.shape[1]
     if isinstance(mask, BlockMask):
-        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex
-        out = attend(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+        out = flex_attention(query, key, value, block_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     else:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                               enable_gqa=gqa)
+        # Grouped-query heads are repeated by hand: SDPA's memory-efficient kernel, the one that takes an arbitrary
+        # mask, has no GQA, and its fallback would materialise the attention matrix.
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, packed_attention)
-
-
-def packed_nll(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed NLL of a packed batch (see collate_packed). Compile it whole on the GPU (the fast path does)."""
-    hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                      loratune_document_mask=document_mask(batch["doc_ids"])).last_hidden_state
-    logits = head(hidden).float()
-    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), batch["targets"].view(-1), reduction="sum")
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:

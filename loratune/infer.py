@@ -27,15 +27,17 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def load(run_dir: str | Path, device: str = "auto") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load(run_dir: str | Path, device: str = "auto", merge_adapter: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) of a run, in eval mode and ready to generate: the base with the run's adapter,
-    or for `method: full` the fine-tuned model itself."""
+    or for `method: full` the fine-tuned model itself. `merge_adapter` folds the adapter into the base weights:
+    generation then runs no adapter kernels (faster), at the cost of rounding the sum to the weights' dtype, so
+    evaluation keeps the adapter separate, exactly as trained."""
     cfg = load_run_config(run_dir)
     tok = load_tokenizer(cfg.model, source=str(run_dir))
     if cfg.method == "full":
         return load_base_model(dataclasses.replace(cfg.model, name=str(run_dir)), pick_device(device)).eval(), tok
     model = load_adapter(load_base_model(cfg.model, pick_device(device)), run_dir)
-    return model.eval(), tok
+    return (model.merge_and_unload() if merge_adapter else model).eval(), tok
 
 
 @torch.no_grad()

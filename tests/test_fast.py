@@ -6,8 +6,8 @@ import torch
 from loratune import fast
 from loratune.config import LoraConfig, ModelConfig
 from loratune.data import IGNORE, Example, collate
+from loratune.loss import packed_nll, sum_token_nll
 from loratune.model import add_lora, load_base_model, unwrap_causal_lm
-from loratune.train import sum_token_nll
 
 
 def random_examples(lengths, seed=0):
@@ -65,7 +65,7 @@ def test_packed_loss_and_gradients_equal_one_by_one(lora_model):
     assert any(len(r) > 1 for r in rows)  # something really is packed together
     batch = fast.collate_packed([[examples[i] for i in r] for r in rows], 32, pad_id=0)
     lm = unwrap_causal_lm(lora_model)
-    packed = fast.packed_nll(getattr(lm, lm.base_model_prefix), lm.get_output_embeddings(), batch)
+    packed = packed_nll(getattr(lm, lm.base_model_prefix), lm.get_output_embeddings(), batch)
     packed.backward()
     assert packed.item() == pytest.approx(reference, rel=1e-5)
     for ref, p in zip(ref_grads, (p for p in lora_model.parameters() if p.requires_grad)):

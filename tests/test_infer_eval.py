@@ -49,6 +49,25 @@ def test_chat_truncates_history_to_context(llama):
     assert "(history truncated to fit the model's context)" in out.getvalue()
 
 
+def test_merged_adapter_generates_what_the_separate_adapter_does(tiny_gpt2_dir, qa_file, tmp_path):
+    from test_train import tiny_config
+
+    from loratune.infer import load
+    from loratune.train import train
+
+    run_dir, _ = train(tiny_config(tiny_gpt2_dir, qa_file, tmp_path / "run", device="cpu"))
+    (separate, tok), (merged, _) = load(run_dir, "cpu"), load(run_dir, "cpu", merge_adapter=True)
+    assert type(merged).__name__ == "GPT2LMHeadModel"  # no peft wrapper, no adapter kernels left
+    ids = torch.tensor([tok("What is two plus two?", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, separate(ids).logits, rtol=1e-4, atol=1e-4)
+        with separate.disable_adapter():
+            base_logits = separate(ids).logits
+        assert not torch.allclose(base_logits, separate(ids).logits)  # the adapter trained
+    prompts = [ids[0].tolist(), tok("Name a colour.", add_special_tokens=False)["input_ids"]]
+    assert generate_batch(merged, tok, prompts, 8) == generate_batch(separate, tok, prompts, 8)
+
+
 def test_metric_registry():
     assert all(m.higher_is_better for name, m in METRICS.items() if name != "length_ratio")
     assert METRICS["length_ratio"].higher_is_better is None

@@ -89,3 +89,28 @@ def test_mismatched_base_is_a_clear_error(tiny_gpt2_dir, tiny_llama_dir, tmp_pat
     with pytest.raises((ModelLoadError, ValueError)):
         load_adapter(other, tmp_path)
     assert isinstance(load_adapter(load_base_model(ModelConfig(name=str(tiny_gpt2_dir)), torch.device("cpu")), tmp_path), PeftModel)
+
+
+def test_gguf_is_dequantized_once_into_a_copy_that_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch):
+    """The embedded GGUF loaded directly and through its cached copy: same weights, same tokens, same chat prompt."""
+    import transformers
+
+    cpu = torch.device("cpu")
+    cached_cfg, direct_cfg = ModelConfig(gguf_cache_dir=str(tmp_path / "cache")), ModelConfig(gguf_cache_dir=None)
+    cached, cached_tok = load_base_model(cached_cfg, cpu), load_tokenizer(cached_cfg)
+    (copy,) = (tmp_path / "cache").iterdir()  # one finished folder, no temporary left behind
+    assert copy.name.startswith("SmolLM2-135M-Instruct") and (copy / "model.safetensors").is_file()
+    direct, direct_tok = load_base_model(direct_cfg, cpu), load_tokenizer(direct_cfg)
+    want = direct.state_dict()
+    got = cached.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    chat = [{"role": "user", "content": "Reverse: apple river stone"}]
+    assert cached_tok.apply_chat_template(chat, add_generation_prompt=True) == \
+        direct_tok.apply_chat_template(chat, add_generation_prompt=True)
+    assert (cached_tok.eos_token, cached_tok.pad_token) == (direct_tok.eos_token, direct_tok.pad_token)
+
+    def no_more_conversions(*args, **kwargs):
+        raise AssertionError("the GGUF file was read again")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_more_conversions)
+    assert resolve_source("smollm2-135m-instruct", str(tmp_path / "cache")) == (str(copy), {})

@@ -9,7 +9,8 @@ from loratune.checkpoint import RunDirError, save_run
 from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, ModelConfig, TrainConfig
 from loratune.data import collate, load_data
 from loratune.model import add_lora, load_base_model, load_tokenizer
-from loratune.train import sum_token_nll, train
+from loratune.loss import sum_token_nll
+from loratune.train import train
 
 
 def tiny_config(model_dir, data_file, out, **train_kw) -> Config:
