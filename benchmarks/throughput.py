@@ -145,15 +145,16 @@ def loratune_config(model_dir: Path, data_file: Path, shape: str, out: Path, **t
     return Config(model=ModelConfig(name=str(model_dir)),
                   lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=TARGETS[shape]),
                   data=DataConfig(datasets=[DatasetConfig(path=str(data_file), format="text")], max_length=1024),
-                  train=TrainConfig(**{"batch_size": 16, "lr": 2e-4, "seed": 0, "log_every": 10, "fast": "on", **train_kw}),
+                  train=TrainConfig(**{"batch_size": 16, "lr": 2e-4, "seed": 0, "log_every": 10, "fast": "on",
+                                       "compile": "on", **train_kw}),
                   output_dir=str(out))
 
 
-def run_loratune(model_dir: Path, data_file: Path, shape: str, steps: int, warmup: int) -> dict:
-    """loratune's own train(): packed rows without contamination, fused loss, compiled backbone."""
+def run_loratune(model_dir: Path, data_file: Path, shape: str, steps: int, warmup: int, **train_kw) -> dict:
+    """loratune's own train(): packed rows without contamination, compiled, replayed as a CUDA graph."""
     cleanup()
     with tempfile.TemporaryDirectory() as out:
-        train(loratune_config(model_dir, data_file, shape, Path(out) / "run", max_steps=steps))
+        train(loratune_config(model_dir, data_file, shape, Path(out) / "run", max_steps=steps, **train_kw))
         log = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = log[warmup - 1], log[-1]  # the loss syncs every 10 steps, so elapsed_s is exact at those
     return {"tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
