@@ -92,13 +92,17 @@ def dequantized_gguf(gguf: Path, cache_dir: Path) -> Path:
     target = cache_dir / f"{gguf.stem}-{key.hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return target
+    try:  # before the slow conversion: a cache folder that can't be written fails at once
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.tmp-"))
+    except OSError as e:
+        raise ModelLoadError(f"model.gguf_cache_dir: can't write to {cache_dir} ({e.strerror}); point it at a writable "
+                             "folder, or set it to null to dequantize the GGUF file at every load") from None
     log.info("dequantizing %s once into %s", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _drop_gguf_marker(model)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.tmp-"))
     try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _drop_gguf_marker(model)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)

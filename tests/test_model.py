@@ -114,3 +114,10 @@ def test_gguf_is_dequantized_once_into_a_copy_that_loads_the_same_model_and_toke
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_more_conversions)
     assert resolve_source("smollm2-135m-instruct", str(tmp_path / "cache")) == (str(copy), {})
+
+
+def test_unwritable_gguf_cache_is_a_clear_error_before_any_conversion(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(ModelLoadError, match=r"model.gguf_cache_dir: can't write to .*not-a-folder.*set it to null"):
+        load_tokenizer(ModelConfig(gguf_cache_dir=str(blocker)))
