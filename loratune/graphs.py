@@ -88,7 +88,9 @@ class GraphedMicroStep:
                 self.graph, self.eager = None, True
                 log.warning("CUDA graph capture failed, training with plain launches (set train.cuda_graphs=off to "
                             "skip the attempt): %s", str(e).splitlines()[0][:300])
-        if self.eager:
+        # A batch of another shape (an epoch of tiny data packed into fewer rows than batch_size) runs eagerly:
+        # copied into the static inputs it would broadcast silently.
+        if self.eager or any(v.shape != self.inputs[k].shape for k, v in batch.items()):
             return self._body(batch, scale)
         for k, v in batch.items():
             self.inputs[k].copy_(v, non_blocking=True)

@@ -65,3 +65,26 @@ def test_compilation_is_left_to_long_runs_unless_asked():
     assert not worth_compiling(TrainConfig(compile="off"), 10 * COMPILE_MIN_TOKENS)
     with pytest.raises(ValueError, match="train.compile: 'yes' should be one of auto, on, off"):
         worth_compiling(TrainConfig(compile="yes"), 1)
+
+
+def test_a_batch_of_another_shape_runs_eagerly_instead_of_replaying():
+    """copy_ into the captured inputs would broadcast a 1-row batch over 4 rows without a word."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+
+    def loss_of(batch):
+        return (layer(batch["x"]) ** 2).sum()
+
+    class NoReplay:
+        def replay(self):
+            raise AssertionError("replayed a graph captured for another shape")
+
+    step = GraphedMicroStep(loss_of, list(layer.parameters()), fallback=True)
+    step.graph, step.inputs, step.scale = NoReplay(), {"x": torch.zeros(4, 4)}, torch.zeros(())  # as after a capture
+    x = torch.randn(1, 4)
+    assert step({"x": x}, 0.5).item() == pytest.approx(loss_of({"x": x}).item())
+    got = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    (0.5 * loss_of({"x": x})).backward()
+    for g, p in zip(got, layer.parameters()):
+        torch.testing.assert_close(g, p.grad)
