@@ -34,11 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
-from loratune.data import Example, collate, load_data  # noqa: E402
-from loratune.evaluate import METRICS, nll_and_count, reference_of  # noqa: E402
-from loratune.infer import generate_batch, load  # noqa: E402
-from loratune.model import load_adapter, load_base_model, load_tokenizer, resolve_source  # noqa: E402
-from loratune.train import lr_lambda, pick_device, train  # noqa: E402
+from loratune.data.examples import Example, collate, load_data  # noqa: E402
+from loratune.device import pick_device  # noqa: E402
+from loratune.evaluation.compare import nll_and_count  # noqa: E402
+from loratune.evaluation.metrics import METRICS, reference_of  # noqa: E402
+from loratune.inference.generate import generate_batch, load  # noqa: E402
+from loratune.model.load import load_adapter, load_base_model, load_tokenizer, resolve_source  # noqa: E402
+from loratune.training.recipe import lr_lambda, train  # noqa: E402
 
 WORDS = ("apple river stone cloud garden window candle forest silver basket mirror ladder island pencil rocket "
          "blanket castle violin dragon meadow harbor lantern pepper tiger velvet wagon anchor bridge copper desert "

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
-from loratune.shapes import byte_tokenizer, model_config  # noqa: E402
-from loratune.train import train  # noqa: E402
+from loratune.model.shapes import byte_tokenizer, model_config  # noqa: E402
+from loratune.training.recipe import train  # noqa: E402
 
 TARGETS = {"gpt2": ["c_attn", "c_proj"], "gpt2-medium": ["c_attn", "c_proj"],
            "smollm2-135m": ["q_proj", "k_proj", "v_proj", "o_proj"]}

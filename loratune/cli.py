@@ -57,14 +57,14 @@ def _train(argv: list[str]) -> int:
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc}: the number of processes must be 1 or more")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from .distributed import launch
+        from .training.distributed import launch
 
         return launch(args.nproc, [a for i, a in enumerate(argv) if not _is_nproc_arg(argv, i)])
     if args.config and args.config.startswith("--"):
         rest, args.config = [args.config] + rest, None
     from pathlib import Path
 
-    from .train import train
+    from .training.recipe import train
 
     overrides = parse_overrides(rest)
     if args.resume:
@@ -95,7 +95,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=3, help="before/after examples to print")
     args = parser.parse_args(argv)
-    from .evaluate import evaluate
+    from .evaluation.compare import evaluate
 
     evaluate(args.run_dirs, device=args.device, samples=args.samples, file=args.file, file_format=args.format,
              max_length=args.max_length, stride=args.stride, out=args.out)
@@ -111,7 +111,7 @@ def _chat(argv: list[str]) -> int:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    from .infer import chat_loop, load
+    from .inference.generate import chat_loop, load
 
     model, tok = load(args.run_dir, args.device, merge_adapter=True)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
@@ -133,7 +133,7 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--system", default=None, help="system prompt for chat prompts")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    from .infer import generate_file, load
+    from .inference.generate import generate_file, load
 
     model, tok = load(args.run_dir, args.device, merge_adapter=True)
     options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
@@ -150,7 +150,7 @@ def _merge(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    from .infer import merge
+    from .inference.generate import merge
 
     print(f"merged model written to {merge(args.run_dir, args.out_dir)} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -161,7 +161,7 @@ def _report(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--samples", type=int, default=8, help="sample generations to show")
     args = parser.parse_args(argv)
-    from .report import write_report
+    from .evaluation.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.samples)}")
     return 0
@@ -173,7 +173,7 @@ def _doctor(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.config and args.config.startswith("--"):
         rest, args.config = [args.config] + rest, None
-    from .doctor import doctor
+    from .data.doctor import doctor
 
     return doctor(load_config(args.config, parse_overrides(rest)))
 
@@ -182,9 +182,9 @@ def _prepare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune prepare", description="Turn raw lines into QA training records.")
     parser.add_argument("raw", help="a text file, one raw line per example")
     parser.add_argument("out", help="the .jsonl file to write")
-    parser.add_argument("--rules", required=True, help="YAML rules (see loratune/prepare.py: PrepareRules)")
+    parser.add_argument("--rules", required=True, help="YAML rules (see loratune/data/prepare.py: PrepareRules)")
     args = parser.parse_args(argv)
-    from .prepare import load_rules, prepare
+    from .data.prepare import load_rules, prepare
 
     counts = prepare(args.raw, args.out, load_rules(args.rules))
     for source, n in counts.most_common():

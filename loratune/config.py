@@ -57,7 +57,7 @@ class LoraConfig:
 @dataclass
 class DatasetConfig:
     preset: Optional[str] = None
-    """A preset (squad, ag_news, wikitext-103, ...; see loratune/presets.py): sets hub, subset, splits and format; keys you
+    """A preset (squad, ag_news, wikitext-103, ...; see loratune/data/presets.py): sets hub, subset, splits and format; keys you
     set win. With data_files, only its format and column mapping apply (a local copy in the preset's layout)."""
     path: str = "demo"
     """`demo` (the embedded demo set), a local file (.jsonl .json .csv .tsv .txt .parquet), a directory or a glob."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loratune.shapes import byte_tokenizer, model_config
+from loratune.model.shapes import byte_tokenizer, model_config
 
 
 def save_tiny(arch: str, path: Path) -> Path:

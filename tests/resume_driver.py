@@ -13,8 +13,8 @@ import time
 from loratune.config import load_config
 
 # `loratune.train` is the public function; the module of the same name is reached through importlib.
-loop = importlib.import_module("loratune.train")
-checkpoint = importlib.import_module("loratune.checkpoint")
+loop = importlib.import_module("loratune.training.recipe")
+checkpoint = importlib.import_module("loratune.training.checkpoint")
 cfg = load_config(sys.argv[1])
 slow_batch = loop.to_device_batch
 

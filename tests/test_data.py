@@ -2,8 +2,8 @@ import pytest
 from conftest import write_jsonl
 
 from loratune.config import DataConfig, DatasetConfig, ModelConfig
-from loratune.data import IGNORE, DataError, build_examples, collate, load_data, read_records
-from loratune.model import load_tokenizer
+from loratune.data.examples import IGNORE, DataError, build_examples, collate, load_data, read_records
+from loratune.model.load import load_tokenizer
 
 CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]}
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from loratune.batches import all_batches
-from loratune.distributed import Dist, check_grad_accum, my_share
-from loratune.train import train
 from test_resume import write_config
 from test_train import losses, tiny_config
+
+from loratune.data.batches import all_batches
+from loratune.training.distributed import Dist, check_grad_accum, my_share
+from loratune.training.recipe import train
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
 
@@ -103,8 +103,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
 
 
 def test_ranks_split_each_step_without_overlap(tiny_llama_dir, qa_file):
-    from loratune.data import load_data
-    from loratune.model import load_tokenizer
+    from loratune.data.examples import load_data
+    from loratune.model.load import load_tokenizer
 
     cfg = tiny_config(tiny_llama_dir, qa_file, "unused")
     examples = load_data(cfg.data, load_tokenizer(cfg.model), 0)[0]

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from loratune import fast
 from loratune.config import LoraConfig, ModelConfig
-from loratune.data import IGNORE, Example, collate
-from loratune.loss import packed_nll, sum_token_nll
-from loratune.model import add_lora, load_base_model, unwrap_causal_lm
+from loratune.data import packing
+from loratune.data.examples import IGNORE, Example, collate
+from loratune.model import attention
+from loratune.model.load import add_lora, load_base_model, unwrap_causal_lm
+from loratune.model.loss import packed_nll, sum_token_nll
 
 
 def random_examples(lengths, seed=0):
@@ -21,7 +22,7 @@ def random_examples(lengths, seed=0):
 
 def test_pack_rows_fits_every_example_once_within_row_length():
     examples = random_examples([30, 5, 17, 40, 12, 9, 33, 1, 20])
-    rows = fast.pack_rows(examples, list(range(len(examples))), 48)
+    rows = packing.pack_rows(examples, list(range(len(examples))), 48)
     assert sorted(i for row in rows for i in row) == list(range(len(examples)))
     assert all(sum(len(examples[i].input_ids) for i in row) <= 48 for row in rows)
     assert len(rows) == 4  # 167 tokens: best fit needs ceil(167 / 48) = 4 rows here
@@ -29,7 +30,7 @@ def test_pack_rows_fits_every_example_once_within_row_length():
 
 def test_packed_rows_restart_positions_and_never_target_a_neighbour():
     examples = random_examples([4, 3])
-    batch = fast.collate_packed([examples], 10, pad_id=0)
+    batch = packing.collate_packed([examples], 10, pad_id=0)
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 0, 0]
     assert batch["doc_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, -1, -1, -1]
     targets = batch["targets"][0].tolist()
@@ -60,10 +61,10 @@ def test_packed_loss_and_gradients_equal_one_by_one(lora_model):
     ref_grads = [p.grad.clone() for p in lora_model.parameters() if p.requires_grad]
     lora_model.zero_grad()
 
-    fast.use_packed_attention(lora_model)
-    rows = fast.pack_rows(examples, list(range(len(examples))), 32)
+    attention.use_packed_attention(lora_model)
+    rows = packing.pack_rows(examples, list(range(len(examples))), 32)
     assert any(len(r) > 1 for r in rows)  # something really is packed together
-    batch = fast.collate_packed([[examples[i] for i in r] for r in rows], 32, pad_id=0)
+    batch = packing.collate_packed([[examples[i] for i in r] for r in rows], 32, pad_id=0)
     lm = unwrap_causal_lm(lora_model)
     packed = packed_nll(getattr(lm, lm.base_model_prefix), lm.get_output_embeddings(), batch)
     packed.backward()
@@ -83,7 +84,7 @@ def test_equal_quality_guard_packed_loop_matches_plain_loop(tiny_llama_dir, tmp_
     records = [{"question": f"Question number {i:03d}: what is {i} times {i % 7}? ", "answer": f"{i * (i % 7)}."}
                for i in range(48)]
     data = write_jsonl(tmp_path / "long.jsonl", records)
-    from loratune.train import train
+    from loratune.training.recipe import train
 
     plain, _ = train(tiny_config(tiny_llama_dir, data, tmp_path / "plain", max_steps=6, log_every=1))
     cfg = tiny_config(tiny_llama_dir, data, tmp_path / "packed", max_steps=6, log_every=3)

@@ -8,7 +8,7 @@ from test_train import tiny_config
 from transformers import AutoModelForCausalLM
 
 import loratune
-from loratune.infer import generate_file, merge
+from loratune.inference.generate import generate_file, merge
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(run,
 def test_report_is_one_self_contained_page(run, tmp_path):
     import shutil
 
-    from loratune.evaluate import evaluate
-    from loratune.report import write_report
+    from loratune.evaluation.compare import evaluate
+    from loratune.evaluation.report import write_report
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -108,8 +108,8 @@ def test_report_is_one_self_contained_page(run, tmp_path):
 
 @pytest.mark.parametrize("arch_dir", ["tiny_gpt2_dir", "tiny_llama_dir"])
 def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_dir, request):
-    from loratune.data import Example, collate
-    from loratune.infer import greedy_decode
+    from loratune.data.examples import Example, collate
+    from loratune.inference.generate import greedy_decode
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch_dir)).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # unequal lengths: left padding matters

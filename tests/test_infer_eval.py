@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from loratune.config import ModelConfig
-from loratune.evaluate import METRICS, normalize_answer
-from loratune.infer import chat_loop, generate_batch
-from loratune.model import load_base_model, load_tokenizer
+from loratune.evaluation.metrics import METRICS, normalize_answer
+from loratune.inference.generate import chat_loop, generate_batch
+from loratune.model.load import load_base_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_chat_truncates_history_to_context(llama):
 def test_merged_adapter_generates_what_the_separate_adapter_does(tiny_gpt2_dir, qa_file, tmp_path):
     from test_train import tiny_config
 
-    from loratune.infer import load
-    from loratune.train import train
+    from loratune.inference.generate import load
+    from loratune.training.recipe import train
 
     run_dir, _ = train(tiny_config(tiny_gpt2_dir, qa_file, tmp_path / "run", device="cpu"))
     (separate, tok), (merged, _) = load(run_dir, "cpu"), load(run_dir, "cpu", merge_adapter=True)
@@ -107,8 +107,8 @@ def test_evaluate_reports_base_and_adapter_per_dataset(tiny_gpt2_dir, tmp_path, 
     from conftest import QA, write_jsonl
 
     from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, TrainConfig
-    from loratune.evaluate import evaluate
-    from loratune.train import train
+    from loratune.evaluation.compare import evaluate
+    from loratune.training.recipe import train
 
     qa = write_jsonl(tmp_path / "qa.jsonl", QA)
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"line {i} of plain text"} for i in range(12)])
@@ -141,8 +141,8 @@ def test_evaluate_reports_base_and_adapter_per_dataset(tiny_gpt2_dir, tmp_path, 
 
 
 def test_sliding_window_perplexity_scores_every_token_once():
-    from loratune.data import IGNORE, Example
-    from loratune.evaluate import windows
+    from loratune.data.examples import IGNORE, Example
+    from loratune.evaluation.compare import windows
 
     example = Example(list(range(100, 110)), list(range(100, 110)), {})
     parts = windows(example, max_length=4, stride=2)
@@ -157,8 +157,8 @@ def test_sliding_window_eval_on_a_long_document(tiny_gpt2_dir, tmp_path):
     from conftest import write_jsonl
 
     from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, TrainConfig
-    from loratune.evaluate import evaluate
-    from loratune.train import train
+    from loratune.evaluation.compare import evaluate
+    from loratune.training.recipe import train
 
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": f"short line {i}"} for i in range(8)])
     cfg = Config(model=ModelConfig(name=str(tiny_gpt2_dir)), lora=LoraConfig(r=4), train=TrainConfig(max_steps=1, batch_size=4),

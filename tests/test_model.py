@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from loratune.config import LoraConfig, ModelConfig
-from loratune.model import (
+from loratune.model.load import (
     ModelLoadError,
     add_lora,
     load_base_model,
@@ -80,7 +80,7 @@ def test_embedded_alias_resolves_to_a_gguf_file():
 
 
 def test_mismatched_base_is_a_clear_error(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
-    from loratune.model import load_adapter
+    from loratune.model.load import load_adapter
 
     gpt2 = add_lora(load_base_model(ModelConfig(name=str(tiny_gpt2_dir)), torch.device("cpu")),
                     LoraConfig(r=4, target_modules=["c_attn"]))

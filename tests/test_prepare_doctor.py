@@ -40,8 +40,8 @@ def test_prepare_completion_format_and_unmatched_error(tmp_path):
     out = tmp_path / "out.jsonl"
     main(["prepare", str(raw), str(out), "--rules", str(rules)])
     assert json.loads(out.read_text().splitlines()[0]) == {"prompt": "a", "response": "b"}
-    from loratune.prepare import load_rules, prepare
-    from loratune.sources import DataError
+    from loratune.data.prepare import load_rules, prepare
+    from loratune.data.sources import DataError
 
     strict = write_rules(tmp_path, {**RULES, "unmatched": "error"})
     with pytest.raises(DataError, match=r"raw.txt:2: no rule matches"):
@@ -91,8 +91,8 @@ def test_doctor_fails_when_nothing_is_trained(tmp_path, tiny_gpt2_dir, capsys):
 
 
 def test_prepare_names_a_non_utf8_line(tmp_path):
-    from loratune.prepare import load_rules, prepare
-    from loratune.sources import DataError
+    from loratune.data.prepare import load_rules, prepare
+    from loratune.data.sources import DataError
 
     raw = tmp_path / "raw.txt"
     raw.write_bytes(b"a => b\n\xff\xfe => c\n")

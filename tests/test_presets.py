@@ -4,9 +4,9 @@ import pytest
 from conftest import write_jsonl
 
 from loratune.config import DataConfig, DatasetConfig, ModelConfig
-from loratune.data import IGNORE, DataError, load_data, resolve_preset
-from loratune.model import load_tokenizer
-from loratune.presets import PRESETS
+from loratune.data.examples import IGNORE, DataError, load_data, resolve_preset
+from loratune.data.presets import PRESETS
+from loratune.model.load import load_tokenizer
 
 FIXTURES = {  # preset: (row in the hub dataset's columns, text that must be trained, text that must be in the prompt)
     "wikitext-103": ({"text": " = Valkyria Chronicles III = \n"}, "Valkyria Chronicles III", None),

@@ -14,9 +14,9 @@ import torch
 import yaml
 from test_train import losses, tiny_config
 
-from loratune.checkpoint import completed_checkpoints
 from loratune.config import TrainConfig, config_to_dict
-from loratune.train import TrainingError, lr_lambda, param_groups, train
+from loratune.training.checkpoint import completed_checkpoints
+from loratune.training.recipe import TrainingError, lr_lambda, param_groups, train
 
 DRIVER = Path(__file__).with_name("resume_driver.py")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -111,7 +111,7 @@ def test_interrupt_finishes_the_step_checkpoints_and_exits_0(sig, reference, tin
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_llama_dir, qa_file, tmp_path):
-    from loratune.checkpoint import RunDirError
+    from loratune.training.checkpoint import RunDirError
 
     with pytest.raises(RunDirError, match="no finished checkpoint there to resume from"):
         train(resumable_config(tiny_llama_dir, qa_file, tmp_path / "nothing"), resume=True)
@@ -133,7 +133,7 @@ def test_periodic_eval_history_best_checkpoint_and_early_stopping(tiny_llama_dir
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_llama_dir, qa_file, tmp_path, monkeypatch):
-    from loratune import loss as loop
+    from loratune.model import loss as loop
 
     calls = {"n": 0}
     real = loop.sum_token_nll
@@ -185,7 +185,7 @@ def test_fp16_on_cpu_and_unknown_tracker_are_clear_errors(tiny_llama_dir, qa_fil
 
 def test_full_fine_tuning_trains_resumes_and_evaluates(reference, tiny_llama_dir, tmp_path):
     import loratune
-    from loratune.evaluate import evaluate
+    from loratune.evaluation.compare import evaluate
 
     data = reference[0]
     cfg = resumable_config(tiny_llama_dir, data, tmp_path / "full", max_steps=6, save_every=2, lr=1e-3)

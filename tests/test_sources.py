@@ -6,8 +6,8 @@ import pytest
 from conftest import write_jsonl
 
 from loratune.config import DataConfig, DatasetConfig, ModelConfig
-from loratune.data import DataError, load_data
-from loratune.model import load_tokenizer
+from loratune.data.examples import DataError, load_data
+from loratune.model.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_skip_bad_records_counts_them(tmp_path, tok):
 
 
 def test_tokenized_cache_hits_on_second_run_and_misses_when_a_file_changes(tmp_path, tok, monkeypatch):
-    import loratune.data
+    import loratune.data.examples
 
     data = write_jsonl(tmp_path / "a.jsonl", [{"text": f"row {i}"} for i in range(5)])
     cfg = DataConfig(datasets=[DatasetConfig(path=str(data), format="text", eval_fraction=0.2)],
@@ -116,7 +116,7 @@ def test_tokenized_cache_hits_on_second_run_and_misses_when_a_file_changes(tmp_p
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although nothing changed")
 
-    monkeypatch.setattr(loratune.data, "build_examples", no_tokenizing)
+    monkeypatch.setattr(loratune.data.examples, "build_examples", no_tokenizing)
     second, held_second, report = load_data(cfg, tok, seed=0)
     assert "(tokenized cache)" in report[0]
     assert [(e.input_ids, e.labels, e.record) for e in second] == [(e.input_ids, e.labels, e.record) for e in first]

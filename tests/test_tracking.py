@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from loratune.tracking import Tracker
+from loratune.training.tracking import Tracker
 
 
 def test_metrics_and_curves(tmp_path):

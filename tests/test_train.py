@@ -5,12 +5,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from loratune.checkpoint import RunDirError, save_run
 from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, ModelConfig, TrainConfig
-from loratune.data import collate, load_data
-from loratune.model import add_lora, load_base_model, load_tokenizer
-from loratune.loss import sum_token_nll
-from loratune.train import train
+from loratune.data.examples import collate, load_data
+from loratune.model.load import add_lora, load_base_model, load_tokenizer
+from loratune.model.loss import sum_token_nll
+from loratune.training.checkpoint import RunDirError, save_run
+from loratune.training.recipe import train
 
 
 def tiny_config(model_dir, data_file, out, **train_kw) -> Config:
@@ -68,7 +68,7 @@ def test_run_dir_is_never_silently_reused(tiny_gpt2_dir, qa_file, tmp_path):
 
 
 def test_overwrite_replaces_a_run_and_nothing_else(tiny_gpt2_dir, qa_file, tmp_path):
-    from loratune.checkpoint import completed_checkpoints
+    from loratune.training.checkpoint import completed_checkpoints
 
     cfg = tiny_config(tiny_gpt2_dir, qa_file, tmp_path / "run", max_steps=4, save_every=1, keep_checkpoints=5)
     train(cfg)

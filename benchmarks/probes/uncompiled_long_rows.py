@@ -2,11 +2,15 @@
 at 16 x 1024 rows: what `train.compile` buys on long rows (sets COMPILE_MIN_TOKENS). Results:
 benchmarks/results/h100-2026-11-23c-probe-uncompiled-long-rows.json. Run: python benchmarks/probes/uncompiled_long_rows.py.
 """
-import json, sys, tempfile
+import json
+import sys
+import tempfile
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from throughput import save_model, write_texts, example_lengths, run_loratune
+from throughput import example_lengths, run_loratune, save_model, write_texts
+
 tmp = Path(tempfile.mkdtemp()); data = tmp / "d.jsonl"; write_texts(data, example_lengths(8000))
 out = {}
 for shape in ("smollm2-135m", "gpt2"):

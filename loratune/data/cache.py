@@ -18,7 +18,7 @@ from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from .config import DatasetConfig
+from ..config import DatasetConfig
 
 CACHE_VERSION = 1
 

@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..curves import plot_curves, read_eval_history, read_metrics
+
 log = logging.getLogger("loratune")
 
 
@@ -17,10 +19,10 @@ class Tracker:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval_history.json"
         # On resume, drop what the interrupted run logged after its last checkpoint: those steps run again.
-        kept = [r for r in self._records(self.metrics_path) if r["step"] <= resume_step]
+        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
         self.train_points = [(r["step"], r["loss"]) for r in kept]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.eval_history = [e for e in self._json(self.eval_path) if e["step"] <= resume_step]
+        self.eval_history = [e for e in read_eval_history(self.eval_path) if e["step"] <= resume_step]
         self.metrics_file = self.metrics_path.open("a")
         self.backends = []
         for name in report_to:
@@ -28,21 +30,6 @@ class Tracker:
                 raise ValueError(f"train.report_to: unknown tracker '{name}'; use tensorboard, wandb or mlflow")
             self.backends.append(_open_backend(name, run_dir, config))
         self.backends = [b for b in self.backends if b is not None]
-
-    @staticmethod
-    def _records(path: Path) -> list[dict]:
-        """metrics.jsonl's records; a line torn by a killed process is dropped (its step runs again)."""
-        out = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    @staticmethod
-    def _json(path: Path) -> list[dict]:
-        return json.loads(path.read_text()) if path.is_file() else []
 
     def log_train(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -61,41 +48,11 @@ class Tracker:
         os.replace(tmp, self.eval_path)
         for backend in self.backends:
             backend(step, {f"eval/{k}": v for k, v in metrics.items()})
-        self.plot()
-
-    def plot(self) -> None:
-        """curves.png: training loss per step and held-out loss per eval."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        if self.train_points:
-            ax.plot(*zip(*self.train_points), label="train loss", color="#4C72B0", linewidth=1)
-        for key in sorted({k for e in self.eval_history for k in e if k.endswith("loss")}):
-            points = [(e["step"], e[key]) for e in self.eval_history if key in e]
-            ax.plot(*zip(*points), marker="o", label=key.replace("_", " "))
-        losses = [v for _, v in self.train_points if v > 0] + [e[k] for e in self.eval_history for k in e
-                                                              if k.endswith("loss") and e[k] > 0]
-        if losses and max(losses) / min(losses) > 50:  # late, small losses would sit flat on the axis otherwise
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title(self.run_dir.name)
-        fig.tight_layout()
-        tmp = self.run_dir / ".curves.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.run_dir / "curves.png")
+        plot_curves(self.run_dir, self.train_points, self.eval_history)
 
     def close(self) -> None:
         self.metrics_file.close()
-        self.plot()
+        plot_curves(self.run_dir, self.train_points, self.eval_history)
         for backend in self.backends:
             backend(None, None)
 

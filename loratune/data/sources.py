@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import DatasetConfig
+from ..config import DatasetConfig
 
 Located = tuple[str, dict]  # (where it came from, the record)
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")

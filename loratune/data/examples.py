@@ -17,9 +17,9 @@ from typing import Callable, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..config import DataConfig, DatasetConfig
 from .cache import cache_key, load_entry, save_entry
-from .config import DataConfig, DatasetConfig
-from .demo_data import demo_splits
+from .demo import demo_splits
 from .presets import PRESETS
 from .sources import DataError, Located, local_files, read_file, read_hub
 

@@ -14,17 +14,11 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from .config import Config, load_config
-from .data import Example, collate
-from .model import load_adapter, load_base_model, load_tokenizer
-from .train import pick_device
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a loratune run directory (no config.yaml); pass the output_dir of `loratune train`")
-    return load_config(path)
+from ..data.examples import Example, collate
+from ..data.sources import local_files, raise_error, read_file
+from ..device import pick_device
+from ..model.load import load_adapter, load_base_model, load_tokenizer
+from ..runs import load_run_config
 
 
 def load(run_dir: str | Path, device: str = "auto", merge_adapter: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -154,8 +148,6 @@ class _Streamer(TextStreamer):
 
 def read_prompts(path: Path) -> list[tuple[str, dict]]:
     """(prompt text, record) pairs. .txt: one user message per line. .jsonl: {"messages": [...]} or {"prompt": ...}."""
-    from .sources import local_files, raise_error, read_file
-
     out = []
     for where, record in read_file(local_files(str(path))[0], "lines", raise_error):
         if "messages" in record:

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import torch
 
-from .config import DataConfig
-from .data import IGNORE, Example, collate
-from .fast import collate_packed, pack_rows
+from ..config import DataConfig
+from .examples import IGNORE, Example, collate
+from .packing import collate_packed, pack_rows
 
 
 def epoch_batches(examples: list[Example], batch_size: int, row_len: int | None, seed: int, epoch: int) -> list:

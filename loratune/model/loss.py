@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
-from .fast import document_mask
-from .model import unwrap_causal_lm
+from ..data.examples import IGNORE
+from .attention import document_mask
+from .load import unwrap_causal_lm
 
 
 def sum_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:

@@ -12,9 +12,9 @@ from typing import TextIO
 
 from transformers import PreTrainedTokenizerBase
 
-from .config import Config
-from .data import IGNORE, Example, dataset_examples, resolve_preset
-from .model import load_tokenizer
+from ..config import Config
+from ..model.load import load_tokenizer
+from .examples import IGNORE, Example, dataset_examples, resolve_preset
 
 
 @dataclass

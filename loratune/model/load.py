@@ -16,7 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import LoraConfig, ModelConfig
+from ..config import LoraConfig, ModelConfig
 
 log = logging.getLogger("loratune")
 

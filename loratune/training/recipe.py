@@ -17,18 +17,44 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batches import all_batches, epoch_batches, to_device_batch, token_counts
-from .checkpoint import (RunDirError, check_run_dir, clear_run_dir, latest_checkpoint, load_training_state, load_weights,
-                         rng_state, save_checkpoint, save_run)
-from .config import Config, TrainConfig, save_config
-from .data import Example, load_data
-from .distributed import (Dist, any_rank, barrier, check_grad_accum, full_weights, gather_to_main, gradient_sync, inner,
-                          is_sharded, load_optimizer_state, my_share, optimizer_state, setup, sum_over_ranks, teardown, wrap)
-from .evaluate import generation_metrics, held_out_losses
-from .fast import pack_rows, use_packed_attention
+from ..config import Config, TrainConfig, save_config
+from ..data.batches import all_batches, epoch_batches, to_device_batch, token_counts
+from ..data.examples import Example, load_data
+from ..data.packing import pack_rows
+from ..model.attention import use_packed_attention
+from ..model.load import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
+from ..model.loss import SummedNLL, packed_nll
+from .checkpoint import (
+    RunDirError,
+    check_run_dir,
+    clear_run_dir,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    save_run,
+)
+from .distributed import (
+    Dist,
+    any_rank,
+    barrier,
+    check_grad_accum,
+    full_weights,
+    gather_to_main,
+    gradient_sync,
+    inner,
+    is_sharded,
+    load_optimizer_state,
+    my_share,
+    optimizer_state,
+    setup,
+    sum_over_ranks,
+    teardown,
+    wrap,
+)
 from .graphs import GraphedMicroStep, graphs_blocker
-from .loss import SummedNLL, packed_nll
-from .model import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
+from .periodic_eval import generation_metrics, held_out_losses
 from .tracking import Tracker
 
 log = logging.getLogger("loratune")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, load_dataclass
+from ..config import ConfigError, load_dataclass
 from .sources import DataError, decoded_lines, raise_error
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import Config, save_config
+from ..config import Config, save_config
 
 CHECKPOINTS = "checkpoints"
 

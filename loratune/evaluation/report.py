@@ -9,8 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from .evaluate import better_direction, column_names, normalize_answer, question_of, sample_indices, table_rows
-from .tracking import Tracker
+from ..curves import redraw
+from .compare import better_direction, column_names, question_of, sample_indices, table_rows
+from .metrics import normalize_answer
 
 STYLE = """
 body{font:15px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#1f2328;max-width:1040px;margin:32px auto;padding:0 24px}
@@ -76,7 +77,7 @@ def write_report(run_dir: str | Path, samples: int = 8) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a loratune run directory (no config.yaml)")
-    Tracker(run_dir, [], {}, resume_step=10**12).close()  # redraw curves.png from metrics.jsonl + eval_history.json
+    redraw(run_dir)
     final = _read_json(run_dir / "final_metrics.json", {})
     ev = _read_json(run_dir / "eval.json", None)
     mix = _read_json(run_dir / "data_report.json", [])

@@ -1,118 +1,31 @@
-"""Evaluation: a registry of generation metrics, token-weighted perplexity, base vs adapter side by side."""
+"""`loratune eval`: token-weighted perplexity and generation metrics of the base model and runs, side by side."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import re
-import string
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from .config import Config, DatasetConfig
-from .data import IGNORE, Example, collate, load_data
-from .distributed import Dist, my_share, sum_over_ranks
-from .model import load_base_model, load_tokenizer, unwrap_causal_lm
-
-
-@dataclass(frozen=True)
-class Metric:
-    fn: Callable[[list[str], list[list[str]]], float]
-    """(predictions, references per prediction) -> score."""
-    higher_is_better: Optional[bool]
-    """True or False; None for a ratio whose best value is 1.0 (length_ratio)."""
-
-
-METRICS: dict[str, Metric] = {}
-
-
-def register_metric(name: str, higher_is_better: Optional[bool]):
-    """Add a generation metric: `@register_metric("my_metric", higher_is_better=True)`."""
-    def wrap(fn: Callable[[list[str], list[list[str]]], float]):
-        METRICS[name] = Metric(fn, higher_is_better)
-        return fn
-    return wrap
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style: lowercase, drop punctuation and articles, squeeze whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-@register_metric("exact_match", higher_is_better=True)
-def exact_match(predictions: list[str], references: list[list[str]]) -> float:
-    hits = [any(normalize_answer(p) == normalize_answer(r) for r in refs) for p, refs in zip(predictions, references)]
-    return sum(hits) / max(len(hits), 1)
-
-
-@register_metric("phrase_present", higher_is_better=True)
-def phrase_present(predictions: list[str], phrases: list[list[str]]) -> float:
-    """Rate of outputs that contain (one of) the phrase(s), case-insensitively."""
-    hits = [any(ph.lower() in p.lower() for ph in phs) for p, phs in zip(predictions, phrases)]
-    return sum(hits) / max(len(hits), 1)
-
-
-@register_metric("bleu", higher_is_better=True)
-def bleu(predictions: list[str], references: list[list[str]]) -> float:
-    import sacrebleu
-
-    # sacrebleu wants the same number of reference streams for every prediction; repeating a
-    # reference changes neither the clipped n-gram counts nor the closest reference length.
-    width = max(len(r) for r in references)
-    streams = [[refs[min(k, len(refs) - 1)] for refs in references] for k in range(width)]
-    return sacrebleu.corpus_bleu(predictions, streams).score
-
-
-def _rouge(kind: str) -> Callable[[list[str], list[list[str]]], float]:
-    def score(predictions: list[str], references: list[list[str]]) -> float:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer([kind], use_stemmer=True)
-        values = [scorer.score_multi(refs, p)[kind].fmeasure for p, refs in zip(predictions, references)]
-        return 100 * sum(values) / max(len(values), 1)
-    return score
-
-
-for _kind in ("rouge1", "rouge2", "rougeL"):
-    register_metric(_kind, higher_is_better=True)(_rouge(_kind))
-
-
-def _lengths(predictions: list[str], references: list[list[str]]) -> tuple[int, int]:
-    """Total words of the predictions, and of the reference closest in length to each (as BLEU picks it)."""
-    pred = [len(p.split()) for p in predictions]
-    ref = [min((len(r.split()) for r in refs), key=lambda n: (abs(n - c), n)) for c, refs in zip(pred, references)]
-    return sum(pred), sum(ref)
-
-
-@register_metric("length_ratio", higher_is_better=None)
-def length_ratio(predictions: list[str], references: list[list[str]]) -> float:
-    """Words generated per reference word: 1.0 is right, below is terse, above is rambling."""
-    pred, ref = _lengths(predictions, references)
-    return pred / max(ref, 1)
-
-
-@register_metric("length_penalty", higher_is_better=True)
-def length_penalty(predictions: list[str], references: list[list[str]]) -> float:
-    """BLEU's brevity penalty made two-sided: exp(1 - longer/shorter) of total lengths; 1.0 when they match."""
-    pred, ref = _lengths(predictions, references)
-    if pred == 0 or ref == 0:
-        return 0.0
-    return math.exp(1 - max(pred, ref) / min(pred, ref))
+from ..config import Config, DatasetConfig
+from ..data.examples import IGNORE, Example, collate, load_data
+from ..device import pick_device
+from ..inference.generate import generate_batch, load
+from ..model.load import load_base_model, load_tokenizer
+from ..model.loss import sum_token_nll
+from ..runs import load_run_config
+from .metrics import METRICS, reference_of, score_generations
 
 
 @torch.no_grad()
 def nll_and_count(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
     """Summed NLL and count of the trained tokens of `examples` (perplexity = exp(nll / count))."""
-    from .loss import sum_token_nll
-
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
@@ -126,20 +39,6 @@ def group_of(example: Example) -> str:
     """Results are reported per dataset, and per task within it where records carry a `task` field."""
     dataset, task = example.record.get("dataset", "data"), example.record.get("task")
     return f"{dataset} / {task}" if task else dataset
-
-
-def reference_of(example: Example, tok: PreTrainedTokenizerBase) -> str:
-    return tok.decode(example.input_ids[example.prompt_len :], skip_special_tokens=True).strip()
-
-
-def score_generations(examples: list[Example], predictions: list[str], tok: PreTrainedTokenizerBase) -> dict[str, float]:
-    references = [[reference_of(e, tok)] for e in examples]
-    scores = {name: METRICS[name].fn(predictions, references)
-              for name in ("exact_match", "bleu", "rougeL", "length_ratio", "length_penalty")}
-    with_phrase = [(p, e.record["contains"]) for p, e in zip(predictions, examples) if e.record.get("contains")]
-    if with_phrase:
-        scores["phrase_present"] = phrase_present([p for p, _ in with_phrase], [[c] for _, c in with_phrase])
-    return scores
 
 
 def windows(example: Example, max_length: int, stride: int) -> list[Example]:
@@ -186,9 +85,6 @@ def eval_examples(cfg: Config, tok: PreTrainedTokenizerBase, file: Optional[Path
 
 def _models(run_dirs: list[Path], cfg: Config, device: str):
     """(column name, model) for the base and then each run, one loaded at a time to bound memory."""
-    from .infer import load
-    from .train import pick_device
-
     first, _ = load(run_dirs[0], device)
     if isinstance(first, PeftModel):  # an adapter switched off is the base, without loading it twice
         with first.disable_adapter():
@@ -209,8 +105,6 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     Data: the first run's held-out split, or every record of `file`. With max_length (and stride), long examples
     get sliding-window perplexity instead of being truncated. All runs must share their base model.
     """
-    from .infer import generate_batch, load_run_config
-
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     cfg = load_run_config(run_dirs[0])
     for other in run_dirs[1:]:
@@ -299,47 +193,3 @@ def format_samples(results: dict, count: int) -> str:
         lines += [f"\nQ: {question_of(ex['prompt'])}", f"  expected: {ex['reference']}"]
         lines += [f"  {name + ':':<10}{results[c]['predictions'][i]}" for c, name in zip(results["columns"], column_names(results))]
     return "\n".join(lines)
-
-
-# Evaluation during training (the loop calls these at train.eval_every).
-
-
-@torch.no_grad()
-def held_out_losses(model: torch.nn.Module, held_out: list[Example], nll_of, autocast, d: Dist,
-                    device: torch.device) -> dict[str, float]:
-    """Mean held-out loss (nats per trained token), overall and per dataset; nll_of(examples) -> (sum, count).
-    Each process scores its share of every dataset; the sums are added up, so every rank gets the same numbers."""
-    model.eval()
-    by_dataset: dict[str, list[Example]] = {}
-    for e in held_out:
-        by_dataset.setdefault(e.record.get("dataset", "data"), []).append(e)
-    with autocast:
-        shares = [nll_of(my_share(group, d)) for group in by_dataset.values()]
-    model.train()
-    sums = dict(zip(by_dataset, sum_over_ranks(torch.tensor(shares, dtype=torch.float64, device=device), d).tolist()))
-    out = {"eval_loss": sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)}
-    if len(sums) > 1:
-        out.update({f"eval_loss/{name}": t / max(n, 1) for name, (t, n) in sums.items()})
-    return out
-
-
-@torch.no_grad()
-def generation_metrics(model: torch.nn.Module, tok, sample: list[Example], max_new_tokens: int, packed: bool,
-                       autocast) -> dict[str, float]:
-    """Greedy answers for a fixed held-out sample, scored like `loratune eval` (keys prefixed gen/)."""
-    from .fast import ATTENTION_NAME
-    from .infer import generate_batch
-
-    causal_lm = unwrap_causal_lm(model)
-    model.eval()
-    if packed:  # generation pads and caches; it needs the model's ordinary attention
-        causal_lm.set_attn_implementation("sdpa")
-    try:
-        with autocast:
-            predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in sample], max_new_tokens,
-                                         batch_size=len(sample))
-    finally:
-        if packed:
-            causal_lm.set_attn_implementation(ATTENTION_NAME)
-        model.train()
-    return {f"gen/{k}": v for k, v in score_generations(sample, predictions, tok).items()}

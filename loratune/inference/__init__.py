@@ -1,0 +1,1 @@
+"""Inference: load a run, generate in batches, chat, merge. Imports config, data, model."""
