@@ -100,3 +100,37 @@ def test_public_api_names_resolve():
     for name in ("Config", "load_config", "train", "evaluate", "load"):
         assert callable(getattr(loratune, name))
     assert importlib.import_module("loratune.training.recipe").train is loratune.train
+
+
+# Who may import whom (README, "How the code is laid out"): each stage imports only the stages below it.
+SHARED = {"loratune", "loratune.config", "loratune.files", "loratune.device", "loratune.runs", "loratune.curves"}
+ALLOWED = {
+    "data": set(),
+    "model": {"data"},
+    "inference": {"data", "model"},
+    "evaluation": {"data", "model", "inference"},
+    "training": {"data", "model", "inference", "evaluation"},
+}
+EXCEPTIONS = {("loratune.data.doctor", "model")}  # the doctor command loads the tokenizer it checks the data with
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
+
+
+def test_stages_import_only_the_stages_below():
+    wrong = []
+    for m in sorted(MODULES):
+        stage = stage_of(m)
+        for dep in internal_imports(m):
+            dep_stage = stage_of(dep)
+            if dep in SHARED or dep_stage is None and m not in SHARED:
+                continue
+            if stage is None:  # a shared helper may import only config and other helpers
+                if dep not in SHARED and m != "loratune.cli":
+                    wrong.append(f"{m} -> {dep}")
+                continue
+            if dep_stage != stage and dep_stage not in ALLOWED[stage] and (m, dep_stage) not in EXCEPTIONS:
+                wrong.append(f"{m} -> {dep}")
+    assert not wrong, "imports against the layering: " + ", ".join(wrong)
