@@ -40,7 +40,8 @@ from loratune.evaluation.compare import nll_and_count  # noqa: E402
 from loratune.evaluation.metrics import METRICS, reference_of  # noqa: E402
 from loratune.inference.generate import generate_batch, load  # noqa: E402
 from loratune.model.load import load_adapter, load_base_model, load_tokenizer, resolve_source  # noqa: E402
-from loratune.training.recipe import lr_lambda, train  # noqa: E402
+from loratune.training.options import lr_lambda  # noqa: E402
+from loratune.training.recipe import train  # noqa: E402
 
 WORDS = ("apple river stone cloud garden window candle forest silver basket mirror ladder island pencil rocket "
          "blanket castle violin dragon meadow harbor lantern pepper tiger velvet wagon anchor bridge copper desert "

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 from .config import Config, ConfigError, field_docs, load_config, parse_overrides
 
@@ -62,20 +63,32 @@ def _train(argv: list[str]) -> int:
         return launch(args.nproc, [a for i, a in enumerate(argv) if not _is_nproc_arg(argv, i)])
     if args.config and args.config.startswith("--"):
         rest, args.config = [args.config] + rest, None
-    from pathlib import Path
-
-    from .training.recipe import train
-
     overrides = parse_overrides(rest)
+    config = args.config
     if args.resume:
         overrides.append(("output_dir", args.resume))
-    cfg = load_config(args.config or (Path(args.resume) / "config.yaml" if args.resume else None), overrides)
-    run_dir, final = train(cfg, overwrite=args.overwrite, resume=True if args.resume else None)
+        config = config or _resumed_config(Path(args.resume))
+    cfg = load_config(config, overrides)
+    from .training.recipe import train
+
+    # The user's own config file is protected from --overwrite; a resumed run's config.yaml is the run's.
+    run_dir, final = train(cfg, overwrite=args.overwrite, resume=True if args.resume else None,
+                           protect=[args.config] if args.config else [])
     if final.get("interrupted") or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
         return 0
     print(f"run saved to {run_dir}  (final loss {final['train_loss']:.4f}, {final['steps']} steps)")
     print(f"next: loratune eval {run_dir}   |   loratune chat {run_dir}")
     return 0
+
+
+def _resumed_config(run_dir: Path) -> Path:
+    """--resume RUN_DIR without CONFIG: the run's own config.yaml, or an error that says what RUN_DIR is."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such directory; pass the output_dir of an earlier `loratune train`")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a loratune run (no config.yaml there); pass the output_dir of an "
+                          "earlier `loratune train`")
+    return run_dir / "config.yaml"
 
 
 def _is_nproc_arg(argv: list[str], i: int) -> bool:

@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .files import atomic_write
+
 
 class ConfigError(ValueError):
     """A config problem, with a message that names the key and says how to fix it."""
@@ -147,6 +149,9 @@ class TrainConfig:
     """Deterministic kernels (torch.use_deterministic_algorithms) for bit-reproducible GPU runs; slower."""
     save_every: int = 0
     """Write a checkpoint every N steps (0: only at the end, or when interrupted)."""
+    save_every_minutes: float = 10.0
+    """Also write a checkpoint when this many minutes have passed since the last one, so a kill never loses more
+    than that (0: by steps only)."""
     keep_checkpoints: int = 2
     """Keep the newest N checkpoints, plus the best by best_metric."""
     resume: str = "never"
@@ -320,9 +325,12 @@ def load_dataclass(path: str | Path, cls: type, overrides: list[tuple[str, Any]]
     if not path.is_file():
         raise ConfigError(f"file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if raw is None:  # an empty file would otherwise be the defaults, silently
+        raise ConfigError(f"{path} is empty; write the settings you want (see loratune train --help), or leave the "
+                          "file out to use the shipped default config")
     for key, value in overrides:
         _apply_override(raw, key, value)
     try:
@@ -341,4 +349,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,7 +1,8 @@
-"""Run loratune.train in a child process for the resume tests. argv: CONFIG_JSON [kill-in-checkpoint-step].
+"""Run loratune.train in a child process for the resume tests. argv: CONFIG [kill-in-checkpoint-step | final].
 
 Each step sleeps a little so the parent can SIGKILL the child at a step of its choosing; with a step number,
-the child SIGKILLs itself in the middle of writing that step's checkpoint (files written, not yet renamed)."""
+the child SIGKILLs itself in the middle of writing that step's checkpoint (files written, not yet renamed); with
+`final`, in the middle of the final save (the adapter written into a temporary folder, the rest not yet)."""
 
 import importlib
 import json
@@ -25,7 +26,12 @@ def to_device_batch(*args, **kwargs):
 
 
 loop.to_device_batch = to_device_batch
-if len(sys.argv) > 2:
+if len(sys.argv) > 2 and sys.argv[2] == "final":
+    def dying_save_config(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_config = dying_save_config  # save_run writes the weights, then the config
+elif len(sys.argv) > 2:
     kill_step = int(sys.argv[2])
     replace_dir = checkpoint._replace_dir
 

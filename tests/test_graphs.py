@@ -8,7 +8,8 @@ import torch
 
 from loratune.config import TrainConfig
 from loratune.training.graphs import GraphedMicroStep, graphs_blocker
-from loratune.training.recipe import COMPILE_MIN_TOKENS, train, worth_compiling
+from loratune.training.options import COMPILE_MIN_TOKENS, worth_compiling
+from loratune.training.recipe import train
 
 
 def test_failed_capture_falls_back_to_plain_launches_with_the_same_gradients(caplog):

@@ -16,7 +16,8 @@ from test_train import losses, tiny_config
 
 from loratune.config import TrainConfig, config_to_dict
 from loratune.training.checkpoint import completed_checkpoints
-from loratune.training.recipe import TrainingError, lr_lambda, param_groups, train
+from loratune.training.options import lr_lambda, param_groups
+from loratune.training.recipe import TrainingError, train
 
 DRIVER = Path(__file__).with_name("resume_driver.py")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -111,9 +112,9 @@ def test_interrupt_finishes_the_step_checkpoints_and_exits_0(sig, reference, tin
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_llama_dir, qa_file, tmp_path):
-    from loratune.training.checkpoint import RunDirError
+    from loratune.training.rundir import RunDirError
 
-    with pytest.raises(RunDirError, match="no finished checkpoint there to resume from"):
+    with pytest.raises(RunDirError, match="there is no run there to resume"):
         train(resumable_config(tiny_llama_dir, qa_file, tmp_path / "nothing"), resume=True)
 
 

@@ -43,7 +43,8 @@ def test_wandb_and_mlflow_receive_metrics(tmp_path, monkeypatch):
     wandb = types.SimpleNamespace(init=lambda **kw: calls.append(("wandb.init", kw["project"])) or run)
     mlflow = types.SimpleNamespace(
         set_experiment=lambda name: calls.append(("mlflow.experiment", name)),
-        start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
+        start_run=lambda run_name: calls.append(("mlflow.start", run_name)) or types.SimpleNamespace(
+            info=types.SimpleNamespace(run_id="mlflow-1")),
         log_params=lambda params: calls.append(("mlflow.params", params)),
         log_metrics=lambda metrics, step: calls.append(("mlflow.metrics", step, metrics)),
         end_run=lambda: calls.append(("mlflow.end",)))
@@ -63,3 +64,35 @@ def test_asking_for_a_tracker_that_is_not_installed_says_how_to_install_it(tmp_p
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(ValueError, match="wandb, which is not installed: pip install wandb"):
         Tracker(tmp_path, ["wandb"], {})
+
+
+def test_tensorboard_resume_drops_the_steps_after_the_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def log_steps(tracker, steps):
+        for step in steps:
+            tracker.log_train({"step": step, "loss": float(step), "lr": 1e-3, "tokens": step, "tokens_per_s": 1.0})
+        tracker.close()
+
+    log_steps(Tracker(tmp_path, ["tensorboard"], {}), range(1, 9))  # killed after step 8, last checkpoint at 4
+    log_steps(Tracker(tmp_path, ["tensorboard"], {}, resume_step=4), range(5, 13))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))  # 12 points for 12 steps
+
+
+def test_wandb_and_mlflow_resume_continue_the_same_run(tmp_path, monkeypatch):
+    inits, starts = [], []
+    run = types.SimpleNamespace(log=lambda metrics, step: None, finish=lambda: None)
+    wandb = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run)
+    mlflow = types.SimpleNamespace(
+        set_experiment=lambda name: None, log_params=lambda params: None, log_metrics=lambda metrics, step: None,
+        end_run=lambda: None,
+        start_run=lambda **kw: starts.append(kw) or types.SimpleNamespace(info=types.SimpleNamespace(run_id="ml-7")))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    Tracker(tmp_path, ["wandb", "mlflow"], {}).close()
+    Tracker(tmp_path, ["wandb", "mlflow"], {}, resume_step=3).close()
+    assert inits[0]["id"] == inits[1]["id"] and inits[1]["resume"] == "allow"
+    assert starts == [{"run_name": tmp_path.name}, {"run_id": "ml-7"}]

@@ -9,8 +9,9 @@ from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, Model
 from loratune.data.examples import collate, load_data
 from loratune.model.load import add_lora, load_base_model, load_tokenizer
 from loratune.model.loss import sum_token_nll
-from loratune.training.checkpoint import RunDirError, save_run
+from loratune.training.checkpoint import save_run
 from loratune.training.recipe import train
+from loratune.training.rundir import RunDirError
 
 
 def tiny_config(model_dir, data_file, out, **train_kw) -> Config:

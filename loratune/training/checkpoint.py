@@ -9,7 +9,9 @@ states of random, numpy, torch and every CUDA device, and the data position (mic
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -21,31 +23,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..config import Config, save_config
+from ..files import atomic_write
+from .rundir import RunDirError
 
 CHECKPOINTS = "checkpoints"
-
-
-class RunDirError(RuntimeError):
-    """The output directory can't be used as asked."""
-
-
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an old one; called before any slow loading, creates nothing."""
-    if not (run_dir.exists() and any(run_dir.iterdir())):
-        return
-    if not overwrite:
-        raise RunDirError(f"output_dir {run_dir} already holds files; choose another with --output_dir=DIR, "
-                          "resume it with --resume, or pass --overwrite to replace that run")
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"output_dir {run_dir} holds files but no loratune run (no config.yaml); --overwrite only "
-                          "replaces loratune runs, so nothing there was touched. Choose another --output_dir")
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove the old run (checked by check_run_dir to be a loratune run), so none of its checkpoints,
-    metrics or weights can be mistaken for the new run's."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+log = logging.getLogger("loratune")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -73,7 +55,7 @@ def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, 
         tmp = Path(tmp)
         save_weights(model, tok, tmp, state_dict)
         save_config(cfg, tmp / "config.yaml")
-        (tmp / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        atomic_write(tmp / "final_metrics.json", json.dumps(final, indent=2))
         for f in tmp.iterdir():
             if f.is_file():
                 os.replace(f, run_dir / f.name)
@@ -119,7 +101,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer_
     torch.save(tensors, tmp / "rng.pt")
     for rank, (other_plain, other_tensors) in enumerate(others, start=1):
         torch.save({"plain": other_plain, "tensors": other_tensors}, tmp / f"rng-rank{rank}.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain}))
+    atomic_write(tmp / "state.json", json.dumps({**state, "step": step, "rng": plain}))
     _replace_dir(tmp, final)
     for old in completed_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old.name != protect:
@@ -149,6 +131,52 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def resume_point(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint that is whole: one whose files don't read back (a disk that filled up, a copy cut
+    short) is moved aside as checkpoints/.damaged-step-N with a warning, and the one before it is used."""
+    for path in reversed(completed_checkpoints(run_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        aside = path.with_name(f".damaged-{path.name}")
+        os.replace(path, aside)
+        log.warning("checkpoint %s is damaged (%s); moved it to %s and resuming from the one before", path.name,
+                    problem, aside)
+    return None
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's files, or None. Reads them whole (they are small for an adapter)."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((path / "state.json").read_text())
+        weights = next(path.glob("*.safetensors"), None)
+        if weights is None:
+            return "no weights file"
+        with safe_open(weights, "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        _load_torch(path / "optimizer.pt")
+        _load_torch(path / "rng.pt")
+    except RunDirError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read back means damaged; the message says which
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
+    return None
+
+
+def _load_torch(path: Path):
+    """torch.load of tensors and plain data only. A file that holds other Python objects was not written by
+    loratune: it is refused, never unpickled."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise RunDirError(f"{path} is refused: it holds Python objects, and loratune loads checkpoints with "
+                          "weights_only=True (tensors and plain data) so that a file can't run code. It was not "
+                          "written by loratune; remove that checkpoint folder to resume from an earlier one") from None
+
+
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Put a checkpoint's weights into the (not yet wrapped or sharded) model."""
     from safetensors.torch import load_file
@@ -172,7 +200,7 @@ def load_training_state(path: Path, load_optimizer, scheduler, scaler, rank: int
     """Restore the optimizer (through `load_optimizer(saved_state)`), scheduler, scaler and RNG states that
     save_checkpoint wrote; return its state (step, batches consumed, ...). Rank r restores its own RNG
     states; a rank the saving run did not have (resumed on more processes) keeps its fresh seed."""
-    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    saved = _load_torch(path / "optimizer.pt")
     load_optimizer(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"] is not None:
@@ -180,8 +208,8 @@ def load_training_state(path: Path, load_optimizer, scheduler, scaler, rank: int
     state = json.loads((path / "state.json").read_text())
     plain = state.pop("rng")
     if rank == 0:
-        set_rng_state(plain, torch.load(path / "rng.pt", weights_only=True))
+        set_rng_state(plain, _load_torch(path / "rng.pt"))
     elif (path / f"rng-rank{rank}.pt").is_file():
-        saved_rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
+        saved_rng = _load_torch(path / f"rng-rank{rank}.pt")
         set_rng_state(saved_rng["plain"], saved_rng["tensors"])
     return state
