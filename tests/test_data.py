@@ -114,3 +114,44 @@ def test_unknown_format_lists_known_ones(tmp_path, tiny_gpt2_dir):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}])
     with pytest.raises(DataError, match=r"unknown format 'txt'; known: \['chat', 'completion', 'text'\]"):
         load_data(DataConfig(datasets=[DatasetConfig(path=str(path), format="txt")]), tok, seed=0)
+
+
+def _other(value):
+    """A different value of the same kind, to change one setting."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)) or value is None:
+        return (value or 0) + 7
+    return f"{value}-other"
+
+
+def test_cache_key_covers_every_data_setting_that_changes_examples(tiny_llama_dir, qa_file):
+    import dataclasses
+
+    from loratune.data.cache import NOT_IN_KEY, cache_key
+
+    tok = load_tokenizer(ModelConfig(name=str(tiny_llama_dir)))
+    ds, data = DatasetConfig(path=str(qa_file)), DataConfig()
+    key = cache_key(ds, data, [qa_file], tok, 0)
+    for f in dataclasses.fields(DataConfig):  # a setting added later is covered without editing this test
+        if f.name not in NOT_IN_KEY:
+            changed = dataclasses.replace(data, **{f.name: _other(getattr(data, f.name))})
+            assert cache_key(ds, changed, [qa_file], tok, 0) != key, f.name
+    for f in dataclasses.fields(DatasetConfig):
+        if f.name not in ("fields", "data_files"):
+            changed_ds = dataclasses.replace(ds, **{f.name: _other(getattr(ds, f.name))})
+            assert cache_key(changed_ds, data, [qa_file], tok, 0) != key, f.name
+
+
+def test_a_cached_run_with_a_smaller_cap_or_skip_does_not_leak_into_the_next(tiny_llama_dir, qa_file, tmp_path):
+    tok = load_tokenizer(ModelConfig(name=str(tiny_llama_dir)))
+    ds = DatasetConfig(path=str(qa_file), format="completion", fields={"prompt": "question", "response": "answer"})
+    small = DataConfig(datasets=[ds], cache_dir=str(tmp_path), max_samples_per_dataset=5)
+    assert len(load_data(small, tok, 0)[0]) == 5
+    assert len(load_data(DataConfig(datasets=[ds], cache_dir=str(tmp_path), max_samples_per_dataset=10), tok, 0)[0]) == 10
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(qa_file.read_text() + "{not json\n")
+    ds_bad = DatasetConfig(path=str(bad), format="completion", fields={"prompt": "question", "response": "answer"})
+    load_data(DataConfig(datasets=[ds_bad], cache_dir=str(tmp_path), on_bad_record="skip"), tok, 0)
+    with pytest.raises(DataError, match="bad.jsonl:25"):
+        load_data(DataConfig(datasets=[ds_bad], cache_dir=str(tmp_path), on_bad_record="error"), tok, 0)

@@ -224,7 +224,7 @@ def dataset_examples(ds: DatasetConfig, build: Optional[Callable[[dict], dict]],
         skipped.append(str(error))
 
     files = _cacheable_files(ds)
-    key = cache_key(ds, files, tok, cfg.max_length, cfg.truncation, seed) if files is not None else None
+    key = cache_key(ds, cfg, files, tok, seed) if files is not None else None
     entry = load_entry(cfg.cache_dir, key) if key else None
     if entry is not None:
         return {**entry, "train": [Example(*e) for e in entry["train"]], "held_out": [Example(*e) for e in entry["held_out"]],

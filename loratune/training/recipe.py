@@ -38,8 +38,8 @@ from .checkpoint import (
 )
 from .graphs import GraphedMicroStep, graphs_blocker
 from .options import (
-    choice,
     autocast_dtype,
+    choice,
     lr_lambda,
     param_groups,
     seed_everything,
