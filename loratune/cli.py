@@ -44,25 +44,25 @@ def write_readme_reference(readme: str = "README.md") -> None:
 
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="loratune train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="loratune train", allow_abbrev=False, usage="loratune train [CONFIG] [--overwrite] [--resume RUN_DIR] [--nproc N] "
+        "[--KEY=VALUE ...]", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a LoRA adapter. With no CONFIG, uses the shipped default (embedded model + demo data).",
         epilog="config keys (set in YAML or as --key=value):\n" + "\n".join(config_reference()))
-    parser.add_argument("config", nargs="?", help="YAML config file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR's newest checkpoint, with its config.yaml unless CONFIG is given")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="train with N processes on this machine (one per GPU): the same as torchrun "
                              "--standalone --nproc_per_node N -m loratune train ...")
-    args, rest = parser.parse_known_args(argv)
+    config_arg, argv_rest = _config_argument(argv)
+    args, rest = parser.parse_known_args(argv_rest)
+    args.config = config_arg
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc}: the number of processes must be 1 or more")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .training.distributed import launch
 
         return launch(args.nproc, [a for i, a in enumerate(argv) if not _is_nproc_arg(argv, i)])
-    if args.config and args.config.startswith("--"):
-        rest, args.config = [args.config] + rest, None
     overrides = parse_overrides(rest)
     config = args.config
     if args.resume:
@@ -79,6 +79,15 @@ def _train(argv: list[str]) -> int:
     print(f"run saved to {run_dir}  (final loss {final['train_loss']:.4f}, {final['steps']} steps)")
     print(f"next: loratune eval {run_dir}   |   loratune chat {run_dir}")
     return 0
+
+
+def _config_argument(argv: list[str]) -> tuple[str | None, list[str]]:
+    """CONFIG is the first argument when it is not an option: `--lora.r 8` must not make 8 the config file."""
+    if not argv or argv[0].startswith("-"):
+        return None, argv
+    if "=" in argv[0] and not Path(argv[0]).exists():
+        raise ConfigError(f"{argv[0]}: no such config file; an override needs two dashes: --{argv[0]}")
+    return argv[0], argv[1:]
 
 
 def _resumed_config(run_dir: Path) -> Path:
@@ -181,14 +190,14 @@ def _report(argv: list[str]) -> int:
 
 
 def _doctor(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loratune doctor", description="Check a config's data before training.")
-    parser.add_argument("config", nargs="?", help="YAML config file (default: the shipped one)")
-    args, rest = parser.parse_known_args(argv)
-    if args.config and args.config.startswith("--"):
-        rest, args.config = [args.config] + rest, None
+    parser = argparse.ArgumentParser(prog="loratune doctor", usage="loratune doctor [CONFIG] [--KEY=VALUE ...]",
+                                     description="Check a config's data before training (default config: the shipped "
+                                                 "one).")
+    config, rest = _config_argument(argv)
+    parser.parse_known_args(rest)  # --help
     from .data.doctor import doctor
 
-    return doctor(load_config(args.config, parse_overrides(rest)))
+    return doctor(load_config(config, parse_overrides(rest)))
 
 
 def _prepare(argv: list[str]) -> int:

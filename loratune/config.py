@@ -7,8 +7,8 @@ them back so `loratune train --help` and the README's config reference never dri
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
-import difflib
 import inspect
 import textwrap
 import types
@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .checks import problems, suggestion
 from .files import atomic_write
 
 
@@ -232,32 +233,32 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, returning it (converted where lossless)."""
+def _coerce(value: Any, tp: Any, key: str, errors: list) -> Any:
+    """Check `value` against the annotation `tp`, returning it (converted where lossless); a nested dataclass
+    adds its own problems to `errors`."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(e)
+                return _coerce(value, option, key, errors)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(t) for t in typing.get_args(tp))}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(tp, value, key, errors)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", errors) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}", errors) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -272,21 +273,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+def _sections(cls: type) -> dict[str, list[str]]:
+    """Each section of the config and its keys, for hints about a key written in the wrong section."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: [g.name for g in dataclasses.fields(hints[f.name])] for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list) -> Any:
+    """The dataclass from a mapping; every problem is added to `errors` (key, message), and the fields with a problem
+    keep their defaults so that the other keys are still checked."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+        errors.append((prefix, f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}"))
+        return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            # Abbreviations and extensions (`rank` for `r`, `lr_rate` for `lr`) score low in difflib.
-            close = close or sorted((n for n in names if str(key).startswith(n) or n.startswith(str(key))), key=len)[-1:]
-            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key '{full}'; {hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
+            errors.append((full, f"unknown key '{full}'; {suggestion(str(key), prefix, names, _sections(Config))}"))
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], full, errors)
+        except ConfigError as e:
+            errors.append((full, str(e)))
     return cls(**kwargs)
 
 
@@ -315,33 +326,121 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             i += 2
         else:
             raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
-        pairs.append((key, yaml.safe_load(text)))
+        try:
+            pairs.append((key, yaml.safe_load(text)))
+        except yaml.YAMLError:
+            raise ConfigError(f"override --{key}: can't read {text!r} as a value; quote it") from None
     return pairs
 
 
-def load_dataclass(path: str | Path, cls: type, overrides: list[tuple[str, Any]] = ()) -> Any:
-    """Read a YAML file into the dataclass `cls`, applying dotted overrides; errors name the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice (first on line "
+                                  f"{seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of every key in a YAML text, by dotted key (list items as key[i])."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
+                walk(item, f"{prefix}[{i}]")
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     if raw is None:  # an empty file would otherwise be the defaults, silently
         raise ConfigError(f"{path} is empty; write the settings you want (see loratune train --help), or leave the "
                           "file out to use the shipped default config")
+    return raw, _key_lines(text)
+
+
+def _report(path: Path | None, errors: list, lines: dict[str, int], overridden: set[str] = frozenset()) -> None:
+    """Raise one ConfigError listing every problem, each with its line where the file has one (a key set by a
+    --key=value override is named as such)."""
+    if not errors:
+        return
+    source = str(path) if path else "config"
+    rows = []
+    line_of = {key: lines.get(key) or lines.get(key.rsplit(".", 1)[0]) for key, _ in errors}
+    for key, message in sorted(errors, key=lambda e: line_of[e[0]] or 10**9):
+        line = line_of[key]
+        if key in overridden:
+            rows.append(f"--{key}: {message}")
+        else:
+            rows.append(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+    header = f"{len(rows)} problems in {source}:\n  " if len(rows) > 1 else ""
+    raise ConfigError(header + "\n  ".join(rows))
+
+
+def load_dataclass(path: str | Path, cls: type, overrides: list[tuple[str, Any]] = ()) -> Any:
+    """Read a YAML file into the dataclass `cls`, applying dotted overrides; errors name the file, line and key."""
+    path = Path(path)
+    raw, lines = _read_yaml(path)
     for key, value in overrides:
+        if not isinstance(raw, dict):
+            break
         _apply_override(raw, key, value)
-    try:
-        return _build(cls, raw)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    errors: list = []
+    built = _build(cls, raw, "", errors)
+    if cls is Config:  # fields with a type problem kept their defaults, so the ranges of the others still get checked
+        errors += [(key, f"{key}: {message}") for key, message in problems(built)]
+    _report(path, errors, lines, {key for key, _ in overrides})
+    return built
 
 
-def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> Config:
-    """Read a YAML config (the shipped default when `path` is None), apply overrides, validate."""
-    return load_dataclass(path or DEFAULT_CONFIG, Config, overrides)
+def load_config(source: str | Path | dict | None = None, overrides: list[tuple[str, Any]] = ()) -> Config:
+    """A validated Config from a YAML file (the shipped default when None) or a dict, with dotted overrides."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+        for key, value in overrides:
+            _apply_override(raw, key, value)
+        errors: list = []
+        cfg = _build(Config, raw, "", errors)
+        _report(None, errors, {})
+        validate(cfg)
+        return cfg
+    return load_dataclass(source or DEFAULT_CONFIG, Config, overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Check a Config built in code as a file is checked: every choice and range, all problems at once."""
+    _report(None, [(key, f"{key}: {message}") for key, message in problems(cfg)], {})
 
 
 def config_to_dict(cfg: Config) -> dict:

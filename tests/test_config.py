@@ -21,7 +21,7 @@ def test_no_argument_uses_the_default_config():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("lora:\n  rank: 8\n", r"c.yaml: unknown key 'lora.rank'; did you mean 'lora.r'\?"),
+    ("lora:\n  rank: 8\n", r"c.yaml:2: unknown key 'lora.rank'; loratune calls it 'lora.r'"),
     ("trian:\n  lr: 1\n", r"unknown key 'trian'; did you mean 'train'\?"),
     ("train:\n  batch_size: eight\n", r"train.batch_size: expected int, got 'eight'"),
     ("lora:\n  r: true\n", r"lora.r: expected int, got True"),  # a bool is not an int

@@ -52,7 +52,7 @@ def test_prepare_completion_format_and_unmatched_error(tmp_path):
 def test_prepare_rules_errors_name_file_and_key(tmp_path, capsys):
     bad = write_rules(tmp_path, {"rules": [{"contain": "x", "response": "y"}]})
     assert main(["prepare", "raw.txt", "out.jsonl", "--rules", str(bad)]) == 1
-    assert "rules.yaml: unknown key 'rules[0].contain'; did you mean 'rules[0].contains'?" in capsys.readouterr().err
+    assert "rules.yaml:2: unknown key 'rules[0].contain'; did you mean 'rules[0].contains'?" in capsys.readouterr().err
     both = write_rules(tmp_path, {"rules": [{"contains": "x", "matches": "y", "response": "z"}]})
     assert main(["prepare", "raw.txt", "out.jsonl", "--rules", str(both)]) == 1
     assert "rules[0]: give exactly one of contains or matches" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, save_config, validate
 from ..data.batches import all_batches, epoch_batches, to_device_batch, token_counts
 from ..data.examples import Example, load_data
 from ..device import pick_device
@@ -84,6 +84,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None,
 def open_run(cfg: Config, overwrite: bool, resume: bool | None, protect: Iterable[str | Path]) -> Run:
     """Join the processes, decide where the run continues from, and refuse a bad output_dir, all before any
     slow loading."""
+    validate(cfg)  # a Config built in code gets the checks a file gets
     tc = cfg.train
     d = dist.setup(tc.device)
     dist.check_grad_accum(tc.grad_accum, d)
