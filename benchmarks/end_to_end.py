@@ -38,7 +38,8 @@ from loratune.data.examples import Example, collate, load_data  # noqa: E402
 from loratune.device import pick_device  # noqa: E402
 from loratune.evaluation.compare import nll_and_count  # noqa: E402
 from loratune.evaluation.metrics import METRICS, reference_of  # noqa: E402
-from loratune.inference.generate import generate_batch, load  # noqa: E402
+from loratune.inference.generate import generate_batch  # noqa: E402
+from loratune.inference.load import load  # noqa: E402
 from loratune.model.load import load_adapter, load_base_model, load_tokenizer, resolve_source  # noqa: E402
 from loratune.training.options import lr_lambda  # noqa: E402
 from loratune.training.recipe import train  # noqa: E402

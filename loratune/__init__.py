@@ -16,7 +16,7 @@ _PUBLIC = {
     "load_config": "loratune.config",
     "train": "loratune.training.recipe",
     "evaluate": "loratune.evaluation.compare",
-    "load": "loratune.inference.generate",
+    "load": "loratune.inference.load",
 }
 __all__ = list(_PUBLIC)
 

@@ -100,6 +100,12 @@ def _resumed_config(run_dir: Path) -> Path:
     return run_dir / "config.yaml"
 
 
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow Python code shipped with the run or its base model to run (off: a run's own "
+                             "config can't turn it on)")
+
+
 def _is_nproc_arg(argv: list[str], i: int) -> bool:
     """`--nproc N`, `--nproc=N`: the launcher's own option, not passed on to the processes it starts."""
     return argv[i] == "--nproc" or argv[i].startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
@@ -116,11 +122,12 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--out", help="JSON results (default RUN_DIR/eval.json, or eval-FILE.json with --file)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=3, help="before/after examples to print")
+    _trust_flag(parser)
     args = parser.parse_args(argv)
     from .evaluation.compare import evaluate
 
     evaluate(args.run_dirs, device=args.device, samples=args.samples, file=args.file, file_format=args.format,
-             max_length=args.max_length, stride=args.stride, out=args.out)
+             max_length=args.max_length, stride=args.stride, out=args.out, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -132,10 +139,12 @@ def _chat(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--device", default="auto")
+    _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .inference.generate import chat_loop, load
+    from .inference.chat import chat_loop
+    from .inference.load import load
 
-    model, tok = load(args.run_dir, args.device, merge_adapter=True)
+    model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     return 0
@@ -154,15 +163,24 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system prompt for chat prompts")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output file that holds other outputs")
+    _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .inference.generate import generate_file, load
+    from .inference.batch import generate_file, plan
+    from .inference.load import load
 
-    model, tok = load(args.run_dir, args.device, merge_adapter=True)
+    settings = {"run_dir": str(Path(args.run_dir).resolve()), "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams, "seed": args.seed,
+                "system": args.system}
+    job = plan(args.input, args.output, settings, overwrite=args.overwrite)  # before the slow model load
+    if job.done == len(job.prompts):
+        print(f"nothing to do: {args.output} already holds all {job.done} outputs")
+        return 0
+    model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
     options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
     if args.temperature > 0:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
-    n = generate_file(model, tok, args.input, args.output, args.max_new_tokens, args.batch_size, args.system,
-                      args.seed, **options)
+    n = generate_file(model, tok, job, args.max_new_tokens, args.batch_size, args.system, args.seed, **options)
     print(f"generated {n} outputs into {args.output}")
     return 0
 
@@ -171,10 +189,11 @@ def _merge(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune merge", description="Write base + adapter as one plain model.")
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
+    _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .inference.generate import merge
+    from .inference.merge import merge
 
-    print(f"merged model written to {merge(args.run_dir, args.out_dir)} (loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code)} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 import loratune
-from loratune.inference.generate import chat_loop
+from loratune.inference.chat import chat_loop
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ from test_train import tiny_config
 from transformers import AutoModelForCausalLM
 
 import loratune
-from loratune.inference.generate import generate_file, merge
+from loratune.inference.batch import generate_file, plan
+from loratune.inference.merge import merge
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +27,51 @@ def loaded(run):
     return loratune.load(run, device="cpu")
 
 
+def gen(model, tok, prompts, out, chunk=256, settings=None, **kw):
+    """plan + generate_file, as `loratune generate` runs them."""
+    job = plan(prompts, out, settings or {"max_new_tokens": kw.get("max_new_tokens")}, chunk=chunk)
+    return generate_file(model, tok, job, **kw)
+
+
 def test_generate_txt_is_resumable_from_a_torn_output(loaded, tmp_path):
     model, tok = loaded
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"question {i}?\n" for i in range(7)))
     full = tmp_path / "full.txt"
-    assert generate_file(model, tok, prompts, full, max_new_tokens=5, batch_size=3, chunk=2) == 7
+    assert gen(model, tok, prompts, full, max_new_tokens=5, batch_size=3, chunk=2) == 7
     expected = full.read_text().splitlines()
     assert len(expected) == 7
 
     partial = tmp_path / "partial.txt"
+    gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2)
     partial.write_text("\n".join(expected[:5]) + "\nhalf a li")  # killed while writing the sixth line
-    assert generate_file(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2) == 3  # from prompt 4 on
+    assert gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2) == 3  # from prompt 4 on
     assert partial.read_text().splitlines() == expected
-    assert generate_file(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2) == 0  # all done
+    assert gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2) == 0  # all done
+
+
+def test_txt_outputs_with_line_breaks_inside_stay_one_line_each(loaded, tmp_path, monkeypatch):
+    """An output holding \\r, \\n or other line separators must not shift the count (a re-run lost 89 of 600)."""
+    import loratune.inference.batch as batch
+
+    model, tok = loaded
+    weird = ["a\rb", "c\nd", "e\r\nf", "g\u2028h", "back\\slash", "plain"]
+    # Each prompt's output is fixed by its tokens, so a resumed chunk writes what the first run wrote.
+    monkeypatch.setattr(batch, "generate_batch", lambda m, t, ids, *a, **k: [weird[sum(p) % 6] for p in ids])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"q{i}\n" for i in range(12)))
+    out = tmp_path / "o.txt"
+    assert gen(model, tok, prompts, out, chunk=4) == 12
+    data = out.read_bytes()
+    assert data.count(b"\n") == 12
+    escaped = {batch.escape_line(w) for w in weird}
+    assert escaped == {"a\\rb", "c\\nd", "e\\r\\nf", "g\u2028h", "back\\\\slash", "plain"}
+    assert set(data.decode().split("\n")[:12]) <= escaped
+    out.write_bytes(b"\n".join(data.split(b"\n")[:9]) + b"\n")  # a run killed after 9 of them
+    before = data
+    assert gen(model, tok, prompts, out, chunk=4) == 4  # chunk 3 (prompts 8-11) again
+    assert out.read_bytes() == before
+    assert gen(model, tok, prompts, out, chunk=4) == 0
 
 
 def test_generate_jsonl_messages_and_raw_prompts(loaded, tmp_path):
@@ -48,7 +80,7 @@ def test_generate_jsonl_messages_and_raw_prompts(loaded, tmp_path):
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "id": 1}) + "\n"
                        + json.dumps({"prompt": "2+2=", "id": 2}) + "\n")
     out = tmp_path / "out.jsonl"
-    generate_file(model, tok, prompts, out, max_new_tokens=4)
+    gen(model, tok, prompts, out, max_new_tokens=4)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == [1, 2] and all(isinstance(r["output"], str) for r in records)
 
@@ -59,10 +91,10 @@ def test_sampling_is_deterministic_under_the_seed_and_beam_search_runs(loaded, t
     prompts.write_text("a\nb\nc\n")
     outs = []
     for name in ("s1.txt", "s2.txt"):
-        generate_file(model, tok, prompts, tmp_path / name, max_new_tokens=6, seed=7, do_sample=True, temperature=1.5)
+        gen(model, tok, prompts, tmp_path / name, max_new_tokens=6, seed=7, do_sample=True, temperature=1.5)
         outs.append((tmp_path / name).read_text())
     assert outs[0] == outs[1]
-    generate_file(model, tok, prompts, tmp_path / "beam.txt", max_new_tokens=6, num_beams=3)
+    gen(model, tok, prompts, tmp_path / "beam.txt", max_new_tokens=6, num_beams=3)
     assert len((tmp_path / "beam.txt").read_text().splitlines()) == 3
 
 
@@ -81,7 +113,8 @@ def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(run,
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-4)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    with pytest.raises(FileExistsError, match="already holds files"):
+    assert oct(out.stat().st_mode & 0o777) != "0o700"  # a merged model is for sharing, not private
+    with pytest.raises(FileExistsError, match="already exists and is not an empty folder"):
         merge(run, out)
 
 

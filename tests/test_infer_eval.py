@@ -6,7 +6,8 @@ import torch
 
 from loratune.config import ModelConfig
 from loratune.evaluation.metrics import METRICS, normalize_answer
-from loratune.inference.generate import chat_loop, generate_batch
+from loratune.inference.chat import chat_loop
+from loratune.inference.generate import generate_batch
 from loratune.model.load import load_base_model, load_tokenizer
 
 
@@ -52,7 +53,7 @@ def test_chat_truncates_history_to_context(llama):
 def test_merged_adapter_generates_what_the_separate_adapter_does(tiny_gpt2_dir, qa_file, tmp_path):
     from test_train import tiny_config
 
-    from loratune.inference.generate import load
+    from loratune.inference.load import load
     from loratune.training.recipe import train
 
     run_dir, _ = train(tiny_config(tiny_gpt2_dir, qa_file, tmp_path / "run", device="cpu"))

@@ -103,7 +103,8 @@ def test_public_api_names_resolve():
 
 
 # Who may import whom (README, "How the code is laid out"): each stage imports only the stages below it.
-SHARED = {"loratune", "loratune.config", "loratune.files", "loratune.device", "loratune.runs", "loratune.curves"}
+SHARED = {"loratune", "loratune.config", "loratune.checks", "loratune.files", "loratune.device", "loratune.runs",
+          "loratune.curves", "loratune.hub"}
 ALLOWED = {
     "data": set(),
     "model": {"data"},

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import save_model  # noqa: E402
 
 from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
-from loratune.inference.generate import generate_batch, load  # noqa: E402
+from loratune.inference.generate import generate_batch  # noqa: E402
+from loratune.inference.load import load  # noqa: E402
 from loratune.training.recipe import train  # noqa: E402
 
 # name: (rows, row length, train overrides)

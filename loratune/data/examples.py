@@ -57,10 +57,20 @@ def format_completion(record: dict, tok: PreTrainedTokenizerBase, fields: dict[s
     return [(prompt, False), (response + tok.eos_token, True)]
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def format_chat(record: dict, tok: PreTrainedTokenizerBase, fields: dict[str, str], where: str) -> Segments:
     messages = get_field(record, fields.get("messages", "messages"), where)
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise DataError(f"{where}: 'messages' should be a list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {message['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: message {i}'s content should be a string, got {type(message['content']).__name__}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to train on; every chat record needs one")
     segments: Segments = []
     done = ""
     for i, message in enumerate(messages):
@@ -93,10 +103,18 @@ class Example:
     """Per-example sampling weight (from DatasetConfig.weight_field)."""
 
 
-def tokenize(segment_lists: list[Segments], tok: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int], int]]:
+# No token is longer than this many characters in the tokenizers we train, so a text cut at max_length x this still
+# holds more than max_length tokens: a huge record is cut before tokenizing and memory stays bounded by max_length.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def tokenize(segment_lists: list[Segments], tok: PreTrainedTokenizerBase,
+             max_length: int | None = None) -> list[tuple[list[int], list[int], int]]:
     """Per record: token ids, labels, and where the last trained segment starts (the generation prompt's length).
-    All segments of all records go through the fast tokenizer in one batched call."""
-    flat = [text for segments in segment_lists for text, _ in segments]
+    All segments of all records go through the fast tokenizer in one batched call. With `max_length`, each text is
+    first cut to what could matter (truncation keeps max_length tokens at most)."""
+    limit = max_length * MAX_CHARS_PER_TOKEN if max_length else None
+    flat = [text[:limit] for segments in segment_lists for text, _ in segments]
     flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
     out = []
     for segments in segment_lists:
@@ -179,7 +197,7 @@ def build_examples(records: list[Located], ds: DatasetConfig, tok: PreTrainedTok
                 raise
             bad(e)
     examples, stats = [], {"truncated": 0, "dropped": 0}
-    tokenized = tokenize([segments for _, _, segments in rendered], tok)
+    tokenized = tokenize([segments for _, _, segments in rendered], tok, max_length)
     for (record, weight, _), (input_ids, labels, prompt_len) in zip(rendered, tokenized):
         if len(input_ids) > max_length:
             if truncation == "drop":

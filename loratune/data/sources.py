@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .. import hub
 from ..config import DatasetConfig
 
 Located = tuple[str, dict]  # (where it came from, the record)
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+BUILDERS = ("json", "csv", "parquet", "text")  # `datasets` builders that read local data_files
 
 
 class DataError(ValueError):
@@ -77,15 +79,15 @@ def read_file(path: Path, text_mode: str, bad: Callable[[DataError], None]) -> I
 def decoded_lines(path: Path, bad: Callable[[DataError], None]) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line; a line that is not UTF-8 goes to `bad`, which raises or counts it."""
     for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            yield lineno, raw.decode("utf-8")
+        try:  # a byte-order mark (Windows editors write one) starts the first line; it is not part of the text
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             bad(DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); re-save the file as UTF-8"))
 
 
 def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
@@ -105,6 +107,10 @@ def read_hub(ds: DatasetConfig, split: str, limit: int | None) -> Iterator[Locat
     """A dataset through `datasets.load_dataset`: a hub name, or a builder (json, csv, parquet) with data_files."""
     import datasets
 
+    if ds.hub not in BUILDERS and not hub.offline_mode() and (problem := hub.unreachable()) is not None:
+        raise DataError(f"dataset hub={ds.hub!r}: the Hugging Face hub can't be reached from here ({problem}). Use a "
+                        "local file as path (or a preset with hub: json and data_files), or HF_DATASETS_OFFLINE=1 for "
+                        "datasets already in your cache")
     try:
         loaded = datasets.load_dataset(ds.hub, ds.subset, split=split, streaming=ds.streaming,
                                        data_files=ds.data_files or None)

@@ -16,7 +16,9 @@ from transformers import PreTrainedTokenizerBase
 from ..config import Config, DatasetConfig
 from ..data.examples import IGNORE, Example, collate, load_data
 from ..device import pick_device
-from ..inference.generate import generate_batch, load
+from ..files import atomic_write
+from ..inference.generate import generate_batch
+from ..inference.load import load
 from ..model.load import load_base_model, load_tokenizer
 from ..model.loss import sum_token_nll
 from ..runs import load_run_config
@@ -83,9 +85,9 @@ def eval_examples(cfg: Config, tok: PreTrainedTokenizerBase, file: Optional[Path
     return held_out
 
 
-def _models(run_dirs: list[Path], cfg: Config, device: str):
+def _models(run_dirs: list[Path], cfg: Config, device: str, trust_remote_code: bool):
     """(column name, model) for the base and then each run, one loaded at a time to bound memory."""
-    first, _ = load(run_dirs[0], device)
+    first, _ = load(run_dirs[0], device, trust_remote_code=trust_remote_code)
     if isinstance(first, PeftModel):  # an adapter switched off is the base, without loading it twice
         with first.disable_adapter():
             yield "base", first
@@ -94,21 +96,26 @@ def _models(run_dirs: list[Path], cfg: Config, device: str):
     yield str(run_dirs[0]), first
     del first
     for run_dir in run_dirs[1:]:
-        yield str(run_dir), load(run_dir, device)[0]
+        yield str(run_dir), load(run_dir, device, trust_remote_code=trust_remote_code)[0]
 
 
 def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3, file: str | Path | None = None,
              file_format: Optional[str] = None, max_length: Optional[int] = None, stride: Optional[int] = None,
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, trust_remote_code: bool = False) -> dict:
     """Score the base model and each run side by side, overall and per dataset; write JSON and print a table.
 
     Data: the first run's held-out split, or every record of `file`. With max_length (and stride), long examples
     get sliding-window perplexity instead of being truncated. All runs must share their base model.
     """
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
-    cfg = load_run_config(run_dirs[0])
+    if file is not None and not Path(file).is_file():
+        raise FileNotFoundError(f"--file {file}: no such file")
+    for name, value in (("--max_length", max_length), ("--stride", stride)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value}: should be 1 or more")
+    cfg = load_run_config(run_dirs[0], trust_remote_code)
     for other in run_dirs[1:]:
-        if load_run_config(other).model != cfg.model:
+        if load_run_config(other, trust_remote_code).model != cfg.model:
             raise ValueError(f"{other} was trained on another base model than {run_dirs[0]}; compare runs of one base")
     tok = load_tokenizer(cfg.model, source=str(run_dirs[0]))
     held_out = eval_examples(cfg, tok, Path(file) if file else None, file_format, max_length is not None)
@@ -118,7 +125,7 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     for e in scored:
         groups[group_of(e)].append(e)
     results: dict = {"columns": [], "data": str(file) if file else "held-out split"}
-    for name, model in _models(run_dirs, cfg, device):
+    for name, model in _models(run_dirs, cfg, device, trust_remote_code):
         sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
         predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
                                      cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -136,7 +143,7 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     results["examples"] = [{"prompt": tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True),
                             "reference": reference_of(e, tok)} for e in generative]
     out = Path(out) if out else run_dirs[0] / ("eval.json" if file is None else f"eval-{Path(file).stem}.json")
-    out.write_text(json.dumps(results, indent=2))
+    atomic_write(out, json.dumps(results, indent=2))
     print(format_table(results))
     print(format_samples(results, samples))
     return results

@@ -16,6 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import hub
 from ..config import LoraConfig, ModelConfig
 
 log = logging.getLogger("loratune")
@@ -76,7 +77,31 @@ def resolve_source(name: str, gguf_cache_dir: str | None = None) -> tuple[str, d
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} exists but has no config.json; point model.name at a save_pretrained directory")
         return str(path), {}
-    return name, {}
+    if _looks_local(name):
+        raise ModelLoadError(f"model.name: {name} is not a file or folder here; check the path (a hub id looks like "
+                             "org/name, e.g. EleutherAI/pythia-160m)")
+    return name, _hub_kwargs(name)
+
+
+def _looks_local(name: str) -> bool:
+    """A name meant as a local path (a hub id is `name` or `org/name`): its typo must not become a hub download."""
+    parent = Path(name).expanduser().parent
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or (parent != Path(".") and parent.is_dir()))
+
+
+def _hub_kwargs(name: str) -> dict:
+    """Before fetching from the hub: if it can't be reached, load from the local HF cache, or say so at once."""
+    if hub.offline_mode():
+        return {}
+    problem = hub.unreachable()
+    if problem is None:
+        return {}
+    if hub.cached(name):
+        log.info("the Hugging Face hub can't be reached (%s); loading %s from the local cache", problem, name)
+        return {"local_files_only": True}
+    raise ModelLoadError(f"model.name: '{name}' would come from the Hugging Face hub, which can't be reached from "
+                         f"here ({problem}). Offline, use one of: {hub.OFFLINE_CHOICES}")
 
 
 def dequantized_gguf(gguf: Path, cache_dir: Path) -> Path:
