@@ -298,7 +298,13 @@ def _build(cls: type, raw: Any, prefix: str, errors: list) -> Any:
             kwargs[key] = _coerce(value, hints[key], full, errors)
         except ConfigError as e:
             errors.append((full, str(e)))
-    return cls(**kwargs)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    for name in missing:
+        if name not in raw:
+            errors.append((prefix, f"{prefix or 'config'}: missing key '{name}'"))
+    return None if missing else cls(**kwargs)  # with a key missing there is an error to report, never a None to use
 
 
 def _apply_override(raw: dict, dotted: str, value: Any) -> None:

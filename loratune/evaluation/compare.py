@@ -21,7 +21,7 @@ from ..inference.generate import generate_batch
 from ..inference.load import load
 from ..model.load import load_base_model, load_tokenizer
 from ..model.loss import sum_token_nll
-from ..runs import load_run_config
+from ..runs import check_weights, load_run_config
 from .metrics import METRICS, reference_of, score_generations
 
 
@@ -114,6 +114,8 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
         if value is not None and value < 1:
             raise ValueError(f"{name} {value}: should be 1 or more")
     cfg = load_run_config(run_dirs[0], trust_remote_code)
+    for run_dir in run_dirs:
+        check_weights(run_dir)
     for other in run_dirs[1:]:
         if load_run_config(other, trust_remote_code).model != cfg.model:
             raise ValueError(f"{other} was trained on another base model than {run_dirs[0]}; compare runs of one base")

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..curves import redraw
+from ..runs import load_run_config
 from .compare import better_direction, column_names, question_of, sample_indices, table_rows
 from .metrics import normalize_answer
 
@@ -75,8 +76,7 @@ def _samples(ev: dict, count: int) -> str:
 
 def write_report(run_dir: str | Path, samples: int = 8) -> Path:
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a loratune run directory (no config.yaml)")
+    load_run_config(run_dir)  # says clearly when run_dir is not a run
     redraw(run_dir)
     final = _read_json(run_dir / "final_metrics.json", {})
     ev = _read_json(run_dir / "eval.json", None)
