@@ -129,7 +129,7 @@ def problems(cfg: Any) -> list[tuple[str, str]]:
         for concrete, value in values(cfg, key):
             if value not in allowed:
                 hint = CHOICE_HINTS.get((key, value))
-                found.append((concrete, f"'{value}' is not one of {', '.join(allowed)}" + (f" ({hint})" if hint else "")))
+                found.append((concrete, f"'{value}' should be one of {', '.join(allowed)}" + (f" ({hint})" if hint else "")))
     for key, (ok, must) in RANGES.items():
         for concrete, value in values(cfg, key):
             if value is not None and not ok(value):

@@ -71,6 +71,30 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     assert (two / "checkpoints" / "step-000003" / "rng-rank1.pt").is_file()  # rank 1's dropout stream is kept
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_host_match_one_process(runs, tmp_path):
+    """Multi-node as a cluster runs it: two torchrun invocations (--nnodes 2, --node_rank 0 and 1, one process each)
+    meeting at a rendezvous address, here 127.0.0.1 over gloo."""
+    one, _, config_file, _ = runs
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "loratune", "train", config_file,
+           f"--output_dir={tmp_path / 'nodes'}"]
+    nodes = [subprocess.Popen([*cmd[:3], f"--node_rank={rank}", *cmd[3:]], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert losses(tmp_path / "nodes") == pytest.approx(losses(one), rel=1e-5)
+    assert json.loads((tmp_path / "nodes" / "final_metrics.json").read_text())["processes"] == 2
+
+
 def interrupted_copy(run_dir: Path, dest: Path, at_step: int) -> Path:
     """What a run killed after checkpoint `at_step` leaves: later checkpoints and the final files never written."""
     shutil.copytree(run_dir, dest)
