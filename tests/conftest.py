@@ -48,3 +48,16 @@ QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in rang
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", QA)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A run of the tiny Llama trained for 3 steps on QA (one per test module: some modules change it)."""
+    from test_train import tiny_config
+
+    import loratune
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    data = write_jsonl(tmp / "qa.jsonl", QA)
+    run_dir, _ = loratune.train(tiny_config(tiny_llama_dir, data, tmp / "run", report_to=[], max_steps=3))
+    return run_dir

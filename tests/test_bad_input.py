@@ -14,16 +14,6 @@ from test_train import tiny_config
 from loratune.config import config_to_dict
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama_dir, tmp_path_factory):
-    import loratune
-
-    tmp = tmp_path_factory.mktemp("bad-input-run")
-    data = write_jsonl(tmp / "qa.jsonl", QA)
-    run_dir, _ = loratune.train(tiny_config(tiny_llama_dir, data, tmp / "run", report_to=[], max_steps=2))
-    return run_dir
-
-
 @pytest.fixture
 def work(tmp_path, tiny_run):
     """A working directory holding a copy of the run, a prompts file and a QA file."""

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from test_train import tiny_config
 from transformers import AutoModelForCausalLM
 
 import loratune
@@ -13,13 +12,8 @@ from loratune.inference.merge import merge
 
 
 @pytest.fixture(scope="module")
-def run(tiny_llama_dir, tmp_path_factory):
-    from conftest import QA, write_jsonl
-
-    tmp = tmp_path_factory.mktemp("gen")
-    data = write_jsonl(tmp / "qa.jsonl", QA)
-    run_dir, _ = loratune.train(tiny_config(tiny_llama_dir, data, tmp / "run", report_to=[], max_steps=3))
-    return run_dir
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
