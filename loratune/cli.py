@@ -11,6 +11,10 @@ import typing
 from pathlib import Path
 
 from .config import Config, ConfigError, field_docs, load_config, parse_overrides
+from .timing import phases, seconds_since_process_start
+
+# The commands import torch, transformers and peft themselves, and only once their arguments parsed: `--help`
+# and bad arguments answer in a fraction of a second.
 
 
 def config_reference(cls: type = Config, prefix: str = "") -> list[str]:
@@ -69,7 +73,8 @@ def _train(argv: list[str]) -> int:
         overrides.append(("output_dir", args.resume))
         config = config or _resumed_config(Path(args.resume))
     cfg = load_config(config, overrides)
-    from .training.recipe import train
+    with phases("import"):
+        from .training.recipe import train
 
     # The user's own config file is protected from --overwrite; a resumed run's config.yaml is the run's.
     run_dir, final = train(cfg, overwrite=args.overwrite, resume=True if args.resume else None,
@@ -124,7 +129,8 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=3, help="before/after examples to print")
     _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .evaluation.compare import evaluate
+    with phases("import"):
+        from .evaluation.compare import evaluate
 
     evaluate(args.run_dirs, device=args.device, samples=args.samples, file=args.file, file_format=args.format,
              max_length=args.max_length, stride=args.stride, out=args.out, trust_remote_code=args.trust_remote_code)
@@ -141,10 +147,12 @@ def _chat(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto")
     _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .inference.chat import chat_loop
-    from .inference.load import load
+    with phases("import"):
+        from .inference.chat import chat_loop
+        from .inference.load import load
 
-    model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
+    with phases("model"):
+        model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     return 0
@@ -156,7 +164,8 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--input", required=True, help=".txt (one chat prompt per line) or .jsonl (messages or prompt)")
     parser.add_argument("--output", required=True, help=".txt (one result per line) or .jsonl (input record + output)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="prompts per batch (default: as many as half the free GPU memory holds; 32 on the CPU)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--num_beams", type=int, default=1, help="beam search when > 1")
@@ -166,21 +175,27 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file that holds other outputs")
     _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .inference.batch import generate_file, plan
-    from .inference.load import load
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch_size {args.batch_size}: give 1 or more, or leave it out to fit the free GPU memory")
+    with phases("import"):
+        from .inference.batch import generate_file, plan
+        from .inference.load import load
 
     settings = {"run_dir": str(Path(args.run_dir).resolve()), "max_new_tokens": args.max_new_tokens,
                 "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams, "seed": args.seed,
                 "system": args.system}
-    job = plan(args.input, args.output, settings, overwrite=args.overwrite)  # before the slow model load
+    sampling = args.temperature > 0
+    job = plan(args.input, args.output, settings, overwrite=args.overwrite, sampling=sampling)  # before the model loads
     if job.done == len(job.prompts):
         print(f"nothing to do: {args.output} already holds all {job.done} outputs")
         return 0
-    model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
+    with phases("model"):
+        model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
     options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
-    if args.temperature > 0:
+    if sampling:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
-    n = generate_file(model, tok, job, args.max_new_tokens, args.batch_size, args.system, args.seed, **options)
+    with phases("generate"):
+        n = generate_file(model, tok, job, args.max_new_tokens, args.batch_size, args.system, args.seed, **options)
     print(f"generated {n} outputs into {args.output}")
     return 0
 
@@ -191,7 +206,8 @@ def _merge(argv: list[str]) -> int:
     parser.add_argument("out_dir")
     _trust_flag(parser)
     args = parser.parse_args(argv)
-    from .inference.merge import merge
+    with phases("import"):
+        from .inference.merge import merge
 
     print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code)} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -238,16 +254,29 @@ COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate
             "report": _report, "doctor": _doctor, "prepare": _prepare}
 
 
+TIMED = ("train", "eval", "generate", "merge", "chat")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"loratune {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: loratune {{{','.join(COMMANDS)}}} ...  (loratune COMMAND --help for details)")
+        print(f"usage: loratune {{{','.join(COMMANDS)}}} ...  (loratune COMMAND --help for details; loratune --version)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=os.environ.get("LORATUNE_LOG", "INFO"), format="%(message)s")
     for name in ("transformers", "peft", "absl"):  # their info logs drown ours; warnings still show
         logging.getLogger(name).setLevel(logging.WARNING)
+    phases.reset()
+    phases.add("import", seconds_since_process_start())
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        code = COMMANDS[argv[0]](argv[1:])
+        if code == 0 and argv[0] in TIMED and os.environ.get("RANK", "0") == "0":
+            print(f"time: {phases.summary(seconds_since_process_start())}", file=sys.stderr)  # where the wait went, for every long command
+        return code
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
     except (ValueError, RuntimeError, OSError) as e:

@@ -23,25 +23,30 @@ def loaded(run):
 
 def gen(model, tok, prompts, out, chunk=256, settings=None, **kw):
     """plan + generate_file, as `loratune generate` runs them."""
-    job = plan(prompts, out, settings or {"max_new_tokens": kw.get("max_new_tokens")}, chunk=chunk)
+    job = plan(prompts, out, settings or {"max_new_tokens": kw.get("max_new_tokens")}, sampling=kw.get("do_sample", False),
+               chunk=chunk)
     return generate_file(model, tok, job, **kw)
 
 
-def test_generate_txt_is_resumable_from_a_torn_output(loaded, tmp_path):
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_generate_txt_is_resumable_from_a_torn_output(loaded, tmp_path, sampling):
     model, tok = loaded
+    options = {"do_sample": True, "temperature": 1.5, "seed": 3} if sampling else {}
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"question {i}?\n" for i in range(7)))
     full = tmp_path / "full.txt"
-    assert gen(model, tok, prompts, full, max_new_tokens=5, batch_size=3, chunk=2) == 7
+    assert gen(model, tok, prompts, full, max_new_tokens=5, batch_size=3, chunk=2, **options) == 7
     expected = full.read_text().splitlines()
     assert len(expected) == 7
 
     partial = tmp_path / "partial.txt"
-    gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2)
+    gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2, **options)
     partial.write_text("\n".join(expected[:5]) + "\nhalf a li")  # killed while writing the sixth line
-    assert gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2) == 3  # from prompt 4 on
+    # Greedy outputs depend on nothing but their prompt: it goes on from prompt 5. Sampling restarts the seeded
+    # chunk of prompts 4-5, so the numbers drawn are the uninterrupted run's.
+    assert gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2, **options) == (3 if sampling else 2)
     assert partial.read_text().splitlines() == expected
-    assert gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2) == 0  # all done
+    assert gen(model, tok, prompts, partial, max_new_tokens=5, batch_size=3, chunk=2, **options) == 0  # all done
 
 
 def test_txt_outputs_with_line_breaks_inside_stay_one_line_each(loaded, tmp_path, monkeypatch):
@@ -63,7 +68,7 @@ def test_txt_outputs_with_line_breaks_inside_stay_one_line_each(loaded, tmp_path
     assert set(data.decode().split("\n")[:12]) <= escaped
     out.write_bytes(b"\n".join(data.split(b"\n")[:9]) + b"\n")  # a run killed after 9 of them
     before = data
-    assert gen(model, tok, prompts, out, chunk=4) == 4  # chunk 3 (prompts 8-11) again
+    assert gen(model, tok, prompts, out, chunk=4) == 3  # prompts 9-11
     assert out.read_bytes() == before
     assert gen(model, tok, prompts, out, chunk=4) == 0
 

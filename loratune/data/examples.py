@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..config import DataConfig, DatasetConfig
@@ -108,14 +109,16 @@ class Example:
 MAX_CHARS_PER_TOKEN = 64
 
 
-def tokenize(segment_lists: list[Segments], tok: PreTrainedTokenizerBase,
-             max_length: int | None = None) -> list[tuple[list[int], list[int], int]]:
+def tokenize(segment_lists: list[Segments], tok: PreTrainedTokenizerBase, max_length: int | None = None,
+             chunk: int = 4096) -> list[tuple[list[int], list[int], int]]:
     """Per record: token ids, labels, and where the last trained segment starts (the generation prompt's length).
-    All segments of all records go through the fast tokenizer in one batched call. With `max_length`, each text is
-    first cut to what could matter (truncation keeps max_length tokens at most)."""
+    All segments go through the fast tokenizer in batched calls of `chunk`, with a bar when there are several. With
+    `max_length`, each text is first cut to what could matter (truncation keeps max_length tokens at most)."""
     limit = max_length * MAX_CHARS_PER_TOKEN if max_length else None
     flat = [text[:limit] for segments in segment_lists for text, _ in segments]
-    flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    starts = range(0, len(flat), chunk)
+    flat_ids = iter([ids for s in tqdm(starts, desc="tokenize", unit="chunk", disable=len(starts) < 2, leave=False)
+                     for ids in tok(flat[s : s + chunk], add_special_tokens=False)["input_ids"]])
     out = []
     for segments in segment_lists:
         input_ids: list[int] = []

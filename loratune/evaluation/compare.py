@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..config import Config, DatasetConfig
@@ -22,7 +24,10 @@ from ..inference.load import load
 from ..model.load import load_base_model, load_tokenizer
 from ..model.loss import sum_token_nll
 from ..runs import check_weights, load_run_config
+from ..timing import phases
 from .metrics import METRICS, reference_of, score_generations
+
+log = logging.getLogger("loratune")
 
 
 @torch.no_grad()
@@ -30,9 +35,9 @@ def nll_and_count(model: torch.nn.Module, examples: list[Example], pad_id: int, 
     """Summed NLL and count of the trained tokens of `examples` (perplexity = exp(nll / count))."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in tqdm(range(0, len(examples), batch_size), desc="loss", unit="batch", leave=False, dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        nll, n = sum_token_nll(model, batch)
+        nll, n = sum_token_nll(model, batch, share_prefix=not model.training)  # no dropout: the same numbers
         total, count = total + nll.item(), count + n
     return total, count
 
@@ -87,16 +92,21 @@ def eval_examples(cfg: Config, tok: PreTrainedTokenizerBase, file: Optional[Path
 
 def _models(run_dirs: list[Path], cfg: Config, device: str, trust_remote_code: bool):
     """(column name, model) for the base and then each run, one loaded at a time to bound memory."""
-    first, _ = load(run_dirs[0], device, trust_remote_code=trust_remote_code)
+    with phases("model"):
+        first, _ = load(run_dirs[0], device, trust_remote_code=trust_remote_code)
     if isinstance(first, PeftModel):  # an adapter switched off is the base, without loading it twice
         with first.disable_adapter():
             yield "base", first
     else:
-        yield "base", load_base_model(cfg.model, pick_device(device)).eval()
+        with phases("model"):
+            base = load_base_model(cfg.model, pick_device(device)).eval()
+        yield "base", base
     yield str(run_dirs[0]), first
     del first
     for run_dir in run_dirs[1:]:
-        yield str(run_dir), load(run_dir, device, trust_remote_code=trust_remote_code)[0]
+        with phases("model"):
+            model = load(run_dir, device, trust_remote_code=trust_remote_code)[0]
+        yield str(run_dir), model
 
 
 def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3, file: str | Path | None = None,
@@ -119,8 +129,9 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     for other in run_dirs[1:]:
         if load_run_config(other, trust_remote_code).model != cfg.model:
             raise ValueError(f"{other} was trained on another base model than {run_dirs[0]}; compare runs of one base")
-    tok = load_tokenizer(cfg.model, source=str(run_dirs[0]))
-    held_out = eval_examples(cfg, tok, Path(file) if file else None, file_format, max_length is not None)
+    with phases("data"):
+        tok = load_tokenizer(cfg.model, source=str(run_dirs[0]))
+        held_out = eval_examples(cfg, tok, Path(file) if file else None, file_format, max_length is not None)
     scored = [w for e in held_out for w in windows(e, max_length, stride or max_length)] if max_length else held_out
     generative = [e for e in held_out if e.prompt_len > 0]
     groups = defaultdict(list)
@@ -128,9 +139,12 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
         groups[group_of(e)].append(e)
     results: dict = {"columns": [], "data": str(file) if file else "held-out split"}
     for name, model in _models(run_dirs, cfg, device, trust_remote_code):
-        sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
-        predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
-                                     cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        log.info("scoring %s: loss on %d examples, then %d generations", name, len(scored), len(generative))
+        with phases("loss"):
+            sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}
+        with phases("generation"):
+            predictions = generate_batch(model, tok, [e.input_ids[: e.prompt_len] for e in generative],
+                                         cfg.eval.max_new_tokens, cfg.eval.batch_size, desc=f"generate ({Path(name).name})")
         row = {"perplexity": math.exp(sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1))}
         if generative:
             row.update(score_generations(generative, predictions, tok))

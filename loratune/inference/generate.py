@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..data.examples import Example, collate
@@ -10,12 +11,12 @@ from ..data.examples import Example, collate
 
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  eos_id: int, pad_id: int, check_every: int = 8) -> torch.Tensor:
+                  eos_id: int, pad_id: int, check_every: int = 8, bar: tqdm | None = None) -> torch.Tensor:
     """Greedy continuation of a left-padded batch with the KV cache: (batch, <= max_new_tokens) new token ids.
 
     The same tokens as `generate(do_sample=False)`, without its per-token host sync: whether every row has
     finished is asked only every `check_every` tokens, so the GPU queue never drains between tokens.
-    Finished rows continue with `pad_id`.
+    Finished rows continue with `pad_id`. `bar` advances by one per decoding step (host-side only, no sync).
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's positions start at 0
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
@@ -27,6 +28,8 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         token = torch.where(finished, pad_id, out.logits[:, -1].argmax(-1))
         new_tokens.append(token)
         finished |= token == eos_id
+        if bar is not None:
+            bar.update(1)
         if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(finished.all())):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], dim=1)
@@ -38,13 +41,16 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 @torch.no_grad()
 def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
-                   max_new_tokens: int, batch_size: int = 16, **generate_kwargs) -> list[str]:
-    """Greedy (or as `generate_kwargs` say, through `generate`) completions of token-id prompts, in left-padded batches."""
+                   max_new_tokens: int, batch_size: int = 16, desc: str = "generate", **generate_kwargs) -> list[str]:
+    """Greedy (or as `generate_kwargs` say, through `generate`) completions of token-id prompts, in left-padded batches.
+    The bar counts decoding steps of all batches (a batch whose rows all stopped early skips the rest of its steps)."""
     device = next(model.parameters()).device
     do_sample = generate_kwargs.pop("do_sample", False)  # once, not per batch: every batch samples alike
     # Sorting by length keeps padding small; results are put back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: dict[int, str] = {}
+    n_batches = -(-len(order) // batch_size)
+    bar = tqdm(total=n_batches * max_new_tokens, desc=desc, unit="tok step", leave=False, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([Example(prompts[i], prompts[i], {}) for i in idx], tok.pad_token_id, pad_left=True)
@@ -54,9 +60,11 @@ def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, do_sample=do_sample,
                                  **generate_kwargs)[:, ids.shape[1]:]
         else:
-            new = greedy_decode(model, ids, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+            new = greedy_decode(model, ids, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id, bar=bar)
+        bar.update(start // batch_size * max_new_tokens + max_new_tokens - bar.n)  # this batch's steps, all done
         for row, i in enumerate(idx):
             texts[i] = tok.decode(new[row], skip_special_tokens=True).strip()
+    bar.close()
     return [texts[i] for i in range(len(prompts))]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from ..timing import phases
 from .load import load
 
 
@@ -17,15 +18,18 @@ def merge(run_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = Fa
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before the slow load
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new or empty one")
-    model, tok = load(run_dir, device="cpu", trust_remote_code=trust_remote_code)
+    with phases("model"):
+        model, tok = load(run_dir, device="cpu", trust_remote_code=trust_remote_code)
     if not isinstance(model, PeftModel):
         raise ValueError(f"{run_dir} holds a fully fine-tuned model already; load it with from_pretrained({run_dir!s})")
-    merged = model.merge_and_unload()
+    with phases("merge"):
+        merged = model.merge_and_unload(progressbar=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        with phases("save"):
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; a merged model is for sharing
         if out_dir.exists():
             out_dir.rmdir()

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..timing import phases
+
 log = logging.getLogger("loratune")
 
 
@@ -81,7 +83,8 @@ class GraphedMicroStep:
     def __call__(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         if self.graph is None and not self.eager:
             try:
-                self._capture(batch)
+                with phases("capture"):  # compilation, if any, happens here too: in the warm-up runs
+                    self._capture(batch)
             except RuntimeError as e:
                 if not self.fallback:
                     raise

@@ -25,6 +25,7 @@ from ..files import atomic_write
 from ..model.attention import use_packed_attention
 from ..model.load import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
 from ..model.loss import SummedNLL, packed_nll
+from ..timing import phases
 from . import distributed as dist
 from . import rundir
 from .checkpoint import (
@@ -40,6 +41,7 @@ from .graphs import GraphedMicroStep, graphs_blocker
 from .options import (
     autocast_dtype,
     choice,
+    keep_compile_caches,
     lr_lambda,
     param_groups,
     seed_everything,
@@ -63,8 +65,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool | None = None,
     Under torchrun every process calls this; see loratune.training.distributed for how they share the work.
     """
     run = open_run(cfg, overwrite, resume, protect)
-    tok = load_tokenizer(cfg.model)
-    train_set, held_out, report = load_data(cfg.data, tok, cfg.train.seed)
+    with phases("data"):
+        tok = load_tokenizer(cfg.model)
+        train_set, held_out, report = load_data(cfg.data, tok, cfg.train.seed)
     for line in report:
         log.info("data: %s", line)
     row_len = cfg.data.max_length if run.packed else None
@@ -149,7 +152,8 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
     # No cast cache: a CUDA graph must recompute its casts at every replay (weights change between steps).
     autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    model = prepare_for_training(load_base_model(cfg.model, device), cfg.method, cfg.lora)
+    with phases("model"):
+        model = prepare_for_training(load_base_model(cfg.model, device), cfg.method, cfg.lora)
     if run.checkpoint:
         load_weights(run.checkpoint, model)  # before DDP or FSDP wraps the model
     if d.enabled:
@@ -163,10 +167,13 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
         use_packed_attention(model)
     slots = run.steps * tc.batch_size * tc.grad_accum * (cfg.data.max_length if run.packed else 0)
     compiled = worth_compiling(tc, slots) and fast and device.type == "cuda"
+    if compiled:
+        keep_compile_caches()
     loss_fn = torch.compile(packed_nll, dynamic=False) if compiled else packed_nll  # one row shape: one compilation
-    nll_module = SummedNLL(model, loss_fn, run.packed)
+    parallel = choice("train.parallel", tc.parallel, ("ddp", "fsdp"))
+    nll_module = SummedNLL(model, loss_fn, run.packed, share_prefix=not (d.enabled and parallel == "fsdp"))
     if d.enabled:
-        nll_module = dist.wrap(nll_module, causal_lm, choice("train.parallel", tc.parallel, ("ddp", "fsdp")), device)
+        nll_module = dist.wrap(nll_module, causal_lm, parallel, device)
     graphs = choice("train.cuda_graphs", tc.cuda_graphs, ("auto", "on", "off"))
     blocker = graphs_blocker(device, run.packed, d.world, scaler is not None, tc.gradient_checkpointing)
     if graphs == "on" and blocker:
@@ -174,8 +181,9 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = None if blocker or graphs == "off" else GraphedMicroStep(
         lambda batch: _under(autocast, nll_module, batch), params, fallback=graphs == "auto")
-    log.info("path: %s%s%s", "packed, compiled" if compiled else "packed" if run.packed else "plain (padded batches)",
-             ", CUDA graphs" if graphed else "", f", {d.world} processes" if d.enabled else "")
+    log.info("path: %s%s%s%s", "packed, compiled" if compiled else "packed" if run.packed else "plain (padded batches)",
+             ", CUDA graphs" if graphed else "", f", {d.world} processes" if d.enabled else "",
+             f", {str(dtype).removeprefix('torch.')} autocast" if dtype else ", fp32")
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, run.steps))
     return Parts(model, nll_module, params, optimizer, scheduler, scaler, autocast, graphed,
@@ -215,7 +223,7 @@ def loop(run: Run, p: Parts, progress: Progress, tok, train_set: list[Example], 
                           skip=state["batches"])
     gen_sample = [e for e in held_out if e.prompt_len > 0][: tc.generate_samples]
     last_save = time.monotonic()
-    with StopRequest() as stop:
+    with StopRequest() as stop, phases("loop"):
         bar = tqdm(range(progress.step, run.steps), desc="train", unit="step", dynamic_ncols=True,
                    initial=progress.step, total=run.steps, disable=not d.main)
         for step in bar:
@@ -240,7 +248,8 @@ def loop(run: Run, p: Parts, progress: Progress, tok, train_set: list[Example], 
             checkpoint_now = dist.any_rank(due_by_time, d) or checkpoint_now  # every rank saves at the same step
             if tc.eval_every and (done % tc.eval_every == 0 or done == run.steps) and held_out:
                 sync(run, progress, tracker)
-                checkpoint_now = periodic_eval(run, p, progress, tok, held_out, gen_sample, tracker) or checkpoint_now
+                with phases("eval"):
+                    checkpoint_now = periodic_eval(run, p, progress, tok, held_out, gen_sample, tracker) or checkpoint_now
             if dist.any_rank(stop.signal is not None, d):  # torchrun may deliver Ctrl-C to some ranks only
                 progress.stop_reason = f"{stop.signal or 'a stop signal'} received"
             if checkpoint_now or progress.stop_reason:
@@ -318,6 +327,7 @@ def _tokens_per_s(progress: Progress, elapsed: Optional[float] = None) -> float:
     return (progress.state["tokens"] - progress.tokens_at_start) / elapsed
 
 
+@phases("save")
 def write_checkpoint(run: Run, p: Parts, progress: Progress) -> None:
     d = run.d
     rngs = dist.gather_to_main(rng_state(), d)  # every rank's RNG, so every rank resumes its own dropout stream
@@ -348,7 +358,8 @@ def finish(run: Run, p: Parts, progress: Progress, tok, held_out: list[Example],
         return run.dir, {**final, "interrupted": True}
     weights = dist.full_weights(p.model) if p.sharded else None
     if d.main:
-        save_run(p.model, tok, cfg, run.dir, final, state_dict=weights)
+        with phases("save"):
+            save_run(p.model, tok, cfg, run.dir, final, state_dict=weights)
     dist.barrier(d)
     dist.teardown(d)
     log.info("saved adapter to %s (%.0f s, final loss %.4f)%s", run.dir, final["train_seconds"], last_loss,
