@@ -57,7 +57,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
 
 def test_two_processes_match_one_with_the_same_global_batch(runs):
     one, two, _, proc = runs
-    assert "2 processes" in proc.stderr  # the log line of the path taken, written once (rank 0)
+    assert "2 processes (flat gradient all-reduce)" in proc.stderr  # the path taken, logged once (rank 0)
     assert proc.stderr.count("saved adapter to") == 1
     assert len(losses(two)) == 6
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)

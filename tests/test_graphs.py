@@ -41,7 +41,7 @@ def test_failed_capture_falls_back_to_plain_launches_with_the_same_gradients(cap
 @pytest.mark.parametrize("kwargs, reason", [
     (dict(device=torch.device("cpu")), "need a CUDA device"),
     (dict(packed=False), "turn on data.packing"),
-    (dict(processes=2), "several processes"),
+    (dict(processes=2), "DDP's wrapper or FSDP"),
     (dict(fp16_scaler=True), "precision=fp16"),
     (dict(checkpointing=True), "gradient_checkpointing"),
 ])

@@ -126,6 +126,28 @@ def wrap(module: torch.nn.Module, causal_lm: torch.nn.Module, parallel: str, dev
     return module
 
 
+def broadcast_params(params: list[torch.Tensor], d: Dist) -> None:
+    """Every rank starts from rank 0's trainable weights (what DDP's wrapper does for the runs it wraps)."""
+    if d.enabled:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
+    """Sum the gradients of `params` over the ranks, as one flat buffer: a LoRA adapter's few MB go in one collective
+    after the rank's micro-batches, outside the step, so the step itself can be replayed as a CUDA graph."""
+    if not d.enabled:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for p, summed in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        if p.grad is None:
+            p.grad = summed
+        else:
+            p.grad.copy_(summed)
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     return not isinstance(module, DistributedDataParallel) and hasattr(module, "set_requires_gradient_sync")
 

@@ -31,7 +31,7 @@ def graphs_blocker(device: torch.device, packed: bool, processes: int, fp16_scal
     if not packed:
         return "CUDA graphs need fixed shapes: turn on data.packing (padded batches change length)"
     if processes > 1:
-        return "CUDA graphs are not used with several processes (DDP and FSDP communicate inside the step)"
+        return "CUDA graphs are not used with DDP's wrapper or FSDP (they communicate inside the step)"
     if fp16_scaler:
         return "CUDA graphs are not used with precision=fp16 (its grad scaler checks for inf on the host)"
     if checkpointing:

@@ -172,22 +172,30 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
     loss_fn = torch.compile(packed_nll, dynamic=False) if compiled else packed_nll  # one row shape: one compilation
     parallel = choice("train.parallel", tc.parallel, ("ddp", "fsdp"))
     nll_module = SummedNLL(model, loss_fn, run.packed, share_prefix=not (d.enabled and parallel == "fsdp"))
-    if d.enabled:
+    # Data parallel LoRA: no DDP wrapper. Each rank runs the same step as one process (a CUDA graph where it can),
+    # then the adapter's few MB of gradients are summed over the ranks in one collective. Full fine-tuning keeps DDP,
+    # whose bucketed all-reduce overlaps the backward of hundreds of MB of gradients.
+    flat_sync = d.enabled and parallel == "ddp" and cfg.method == "lora"
+    if d.enabled and not flat_sync:
         nll_module = dist.wrap(nll_module, causal_lm, parallel, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # after FSDP: it replaces them with sharded ones
+    if flat_sync:
+        dist.broadcast_params(params, d)
     graphs = choice("train.cuda_graphs", tc.cuda_graphs, ("auto", "on", "off"))
-    blocker = graphs_blocker(device, run.packed, d.world, scaler is not None, tc.gradient_checkpointing)
+    blocker = graphs_blocker(device, run.packed, 1 if flat_sync else d.world, scaler is not None,
+                             tc.gradient_checkpointing)
     if graphs == "on" and blocker:
         raise ValueError(f"train.cuda_graphs=on: {blocker}")
-    params = [p for p in model.parameters() if p.requires_grad]
     graphed = None if blocker or graphs == "off" else GraphedMicroStep(
         lambda batch: _under(autocast, nll_module, batch), params, fallback=graphs == "auto")
     log.info("path: %s%s%s%s", "packed, compiled" if compiled else "packed" if run.packed else "plain (padded batches)",
-             ", CUDA graphs" if graphed else "", f", {d.world} processes" if d.enabled else "",
+             ", CUDA graphs" if graphed else "",
+             f", {d.world} processes" + (" (flat gradient all-reduce)" if flat_sync else "") if d.enabled else "",
              f", {str(dtype).removeprefix('torch.')} autocast" if dtype else ", fp32")
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, run.steps))
     return Parts(model, nll_module, params, optimizer, scheduler, scaler, autocast, graphed,
-                 dist.is_sharded(nll_module))
+                 dist.is_sharded(nll_module), flat_sync)
 
 
 def start_writing(run: Run, report: list) -> Optional[Path]:
@@ -280,13 +288,16 @@ def train_step(run: Run, p: Parts, micro: list, pad_id: int) -> tuple[torch.Tens
         if p.graphed:
             step_nll += p.graphed(batch, 1 / n_trained)
             continue
-        # Gradients are averaged over ranks once, after this rank's last micro-batch; hence x world.
+        # DDP and FSDP average gradients over ranks once, after this rank's last micro-batch; hence x world. The flat
+        # all-reduce sums them instead.
         with dist.gradient_sync(p.nll_module, on=i == len(mine) - 1):
             with p.autocast:
                 nll = p.nll_module(batch)
-            loss = nll * d.world / n_trained
+            loss = nll * (1 if p.flat_sync else d.world) / n_trained
             (p.scaler.scale(loss) if p.scaler else loss).backward()
         step_nll += nll.detach()
+    if p.flat_sync:
+        dist.all_reduce_grads(p.params, d)
     if p.scaler:
         p.scaler.unscale_(p.optimizer)
     if run.cfg.train.grad_clip > 0:

@@ -54,6 +54,8 @@ class Parts:
     autocast: contextlib.AbstractContextManager
     graphed: Optional[GraphedMicroStep]
     sharded: bool
+    flat_sync: bool = False
+    """Several processes without a DDP wrapper: gradients are summed over the ranks in one flat all-reduce."""
 
 
 @dataclass
