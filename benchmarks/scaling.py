@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", default="scaling.json")
     parser.add_argument("--two-nodes", action="store_true", help="also: 2 nodes x 1 GPU on this host, DDP, vs 1 GPU")
+    parser.add_argument("--modes", nargs="+", default=[f"{p}:{c}" for p, c in MODES],
+                        help="parallel:compile pairs to run (default: all)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +97,7 @@ def main() -> None:
         for shape in args.shapes:
             model_dir = save_model(shape, tmp / shape)
             singles = {}
-            for parallel, compile_ in MODES:
+            for parallel, compile_ in (mode.split(":") for mode in args.modes):
                 if compile_ not in singles:  # one process: the parallel mode does not apply
                     singles[compile_] = run(model_dir, data, tmp / f"{shape}-1-{compile_}", shape, 1, args.nproc,
                                             parallel, compile_, args.steps)
