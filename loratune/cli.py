@@ -204,12 +204,14 @@ def _merge(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune merge", description="Write base + adapter as one plain model.")
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights of the merged model (auto: the base's own dtype)")
     _trust_flag(parser)
     args = parser.parse_args(argv)
     with phases("import"):
         from .inference.merge import merge
 
-    print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code)} (loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code, args.dtype)} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

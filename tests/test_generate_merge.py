@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from test_train import tiny_config
 from transformers import AutoModelForCausalLM
 
 import loratune
@@ -155,3 +156,56 @@ def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_di
     assert got[:, : expected.shape[1]].tolist() == expected.tolist()
     assert (got[:, expected.shape[1]:] == 0).all()  # decoding past the common end only adds pad
     assert got[1, 0] == eos and (got[1, 1:] == 0).all()
+
+
+def test_merge_writes_the_dtype_asked_for_or_the_bases(run, tmp_path):
+    from safetensors import safe_open
+
+    def dtypes(folder):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return {f.get_tensor(k).dtype for k in f.keys()}
+
+    assert dtypes(merge(run, tmp_path / "bf16", dtype="bfloat16")) == {torch.bfloat16}
+    assert dtypes(merge(run, tmp_path / "auto")) == {torch.float32}  # the tiny base declares float32
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert plain.dtype == torch.bfloat16
+
+
+def test_an_adapter_names_its_base_as_the_user_did_and_loads_in_plain_peft_elsewhere(tiny_llama_dir, tmp_path,
+                                                                                      monkeypatch):
+    """adapter_config.json names the base as given (here a relative path), so AutoPeftModelForCausalLM finds a base
+    of that name on another machine (here: another working directory with its own copy)."""
+    import shutil
+
+    from conftest import QA, write_jsonl
+    from peft import AutoPeftModelForCausalLM
+
+    from loratune.model.load import portable_base_name
+
+    first, second = tmp_path / "machine1", tmp_path / "machine2"
+    for machine in (first, second):
+        shutil.copytree(tiny_llama_dir, machine / "base")
+    monkeypatch.chdir(first)
+    cfg = tiny_config("base", write_jsonl(first / "qa.jsonl", QA), first / "run", report_to=[], max_steps=2)
+    run_dir, _ = loratune.train(cfg)
+    assert json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    shutil.copytree(run_dir, second / "run")
+    monkeypatch.chdir(second)
+    shutil.rmtree(first)
+    model = AutoPeftModelForCausalLM.from_pretrained("run")
+    assert model.peft_config["default"].base_model_name_or_path == "base"
+    assert portable_base_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_an_adapter_never_names_loratunes_cache_folder_as_its_base(tiny_llama_dir, tmp_path, monkeypatch):
+    """A name loratune resolves to a folder of its own (as the embedded GGUF model resolves to its dequantized copy)
+    is written as the name, not the folder."""
+    import loratune.model.load as model_load
+    from conftest import QA, write_jsonl
+
+    real = model_load.resolve_source
+    monkeypatch.setattr(model_load, "resolve_source",
+                        lambda name, cache=None: (str(tiny_llama_dir), {}) if name == "some-alias" else real(name, cache))
+    cfg = tiny_config("some-alias", write_jsonl(tmp_path / "qa.jsonl", QA), tmp_path / "run", report_to=[], max_steps=1)
+    run_dir, _ = loratune.train(cfg)
+    assert json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "some-alias"

