@@ -55,6 +55,18 @@ class LoraConfig:
     """Which biases to train: `none`, `all` or `lora_only`."""
     target_modules: Union[str, list[str]] = "auto"
     """`auto` (per architecture), `all-linear`, or an explicit list of module names."""
+    use_dora: bool = False
+    """DoRA: learn each adapted weight's magnitude apart from its direction (peft's use_dora)."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning."""
+    init: str = "default"
+    """How the adapter starts: `default` (A Kaiming-uniform, B zero) or `gaussian` (A Gaussian, B zero)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained and saved whole besides the adapters, e.g. `[lm_head]`."""
+    layers: Optional[list[int]] = None
+    """Adapt only these layer indices (null: every layer)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Ranks that differ from r, by module name or regex, e.g. `{q_proj: 8}`."""
 
 
 @dataclass

@@ -232,6 +232,8 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
         target_modules=resolve_target_modules(model, cfg.target_modules), task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, init_lora_weights=True if cfg.init == "default" else cfg.init,
+        modules_to_save=cfg.modules_to_save or None, layers_to_transform=cfg.layers, rank_pattern=cfg.rank_pattern,
     )
     model = get_peft_model(model, peft_cfg)
     trainable, total = count_parameters(model)
