@@ -215,6 +215,19 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune push", description="Upload a run (adapter, tokenizer, model card, "
+                                     "config) to a Hugging Face hub repository, through huggingface_hub.")
+    parser.add_argument("run_dir")
+    parser.add_argument("repo_id", help="user/name or org/name")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    args = parser.parse_args(argv)
+    from .export.push import push
+
+    print(f"pushed {args.run_dir} to {push(args.run_dir, args.repo_id, args.private)}")
+    return 0
+
+
 def _report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune report", description="Write RUN_DIR/report.html: curves, metrics, samples.")
     parser.add_argument("run_dir")
@@ -253,7 +266,7 @@ def _prepare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "report": _report, "doctor": _doctor, "prepare": _prepare}
+            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push}
 
 
 TIMED = ("train", "eval", "generate", "merge", "chat")

@@ -200,8 +200,9 @@ def test_an_adapter_names_its_base_as_the_user_did_and_loads_in_plain_peft_elsew
 def test_an_adapter_never_names_loratunes_cache_folder_as_its_base(tiny_llama_dir, tmp_path, monkeypatch):
     """A name loratune resolves to a folder of its own (as the embedded GGUF model resolves to its dequantized copy)
     is written as the name, not the folder."""
-    import loratune.model.load as model_load
     from conftest import QA, write_jsonl
+
+    import loratune.model.load as model_load
 
     real = model_load.resolve_source
     monkeypatch.setattr(model_load, "resolve_source",

@@ -83,8 +83,8 @@ def test_shared_prefix_runs_once_and_changes_nothing(arch, request):
 
     from loratune.config import LoraConfig
     from loratune.data.examples import IGNORE, Example, collate
-    from loratune.model.loss import shared_prefix_len, sum_token_nll
     from loratune.model.load import prepare_for_training, unwrap_causal_lm
+    from loratune.model.loss import shared_prefix_len, sum_token_nll
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), dtype=torch.float32)
     # eval(): no dropout (tiny GPT-2 has some), so both ways compute the same function

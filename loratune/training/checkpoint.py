@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..card import card_text, data_report_of
 from ..config import Config, save_config
 from ..files import atomic_write
 from ..model.load import portable_base_name
@@ -59,6 +60,8 @@ def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, 
         save_weights(model, tok, tmp, state_dict)
         save_config(cfg, tmp / "config.yaml")
         atomic_write(tmp / "final_metrics.json", json.dumps(final, indent=2))
+        # replaces peft's empty template
+        atomic_write(tmp / "README.md", card_text(cfg, final, data_report_of(run_dir), portable_base_name(cfg.model.name)))
         for f in tmp.iterdir():
             if f.is_file():
                 os.replace(f, run_dir / f.name)
