@@ -106,6 +106,7 @@ def _resumed_config(run_dir: Path) -> Path:
 
 
 def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="the base model for a PEFT adapter folder (default: its adapter_config.json)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow Python code shipped with the run or its base model to run (off: a run's own "
                              "config can't turn it on)")
@@ -133,7 +134,8 @@ def _eval(argv: list[str]) -> int:
         from .evaluation.compare import evaluate
 
     evaluate(args.run_dirs, device=args.device, samples=args.samples, file=args.file, file_format=args.format,
-             max_length=args.max_length, stride=args.stride, out=args.out, trust_remote_code=args.trust_remote_code)
+             max_length=args.max_length, stride=args.stride, out=args.out, trust_remote_code=args.trust_remote_code,
+             base=args.base)
     return 0
 
 
@@ -152,7 +154,8 @@ def _chat(argv: list[str]) -> int:
         from .inference.load import load
 
     with phases("model"):
-        model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
+        model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code,
+                          base=args.base)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     return 0
@@ -190,7 +193,8 @@ def _generate(argv: list[str]) -> int:
         print(f"nothing to do: {args.output} already holds all {job.done} outputs")
         return 0
     with phases("model"):
-        model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code)
+        model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code,
+                          base=args.base)
     options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
     if sampling:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
@@ -211,7 +215,7 @@ def _merge(argv: list[str]) -> int:
     with phases("import"):
         from .inference.merge import merge
 
-    print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code, args.dtype)} (loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code, args.dtype, args.base)} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

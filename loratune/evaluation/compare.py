@@ -23,7 +23,7 @@ from ..inference.generate import generate_batch
 from ..inference.load import load
 from ..model.load import load_base_model, load_tokenizer
 from ..model.loss import sum_token_nll
-from ..runs import check_weights, load_run_config
+from ..runs import check_weights, is_peft_folder, load_run_config, tokenizer_source
 from ..timing import phases
 from .metrics import METRICS, reference_of, score_generations
 
@@ -73,7 +73,7 @@ def eval_examples(cfg: Config, tok: PreTrainedTokenizerBase, file: Optional[Path
     `file_format` names another format, which then uses its standard field names."""
     data = cfg.data
     if file is not None:
-        like = data.datasets[0]
+        like = data.datasets[0] if data.datasets else DatasetConfig()  # a PEFT folder has no datasets
         ds = DatasetConfig(path=str(file), eval_fraction=1.0, format=file_format or like.format,
                            fields=like.fields if file_format is None else {})
         if like.preset and file_format is None:  # a local file in the preset's layout, through the datasets builder
@@ -90,10 +90,10 @@ def eval_examples(cfg: Config, tok: PreTrainedTokenizerBase, file: Optional[Path
     return held_out
 
 
-def _models(run_dirs: list[Path], cfg: Config, device: str, trust_remote_code: bool):
+def _models(run_dirs: list[Path], cfg: Config, device: str, trust_remote_code: bool, base: Optional[str]):
     """(column name, model) for the base and then each run, one loaded at a time to bound memory."""
     with phases("model"):
-        first, _ = load(run_dirs[0], device, trust_remote_code=trust_remote_code)
+        first, _ = load(run_dirs[0], device, trust_remote_code=trust_remote_code, base=base)
     if isinstance(first, PeftModel):  # an adapter switched off is the base, without loading it twice
         with first.disable_adapter():
             yield "base", first
@@ -105,13 +105,13 @@ def _models(run_dirs: list[Path], cfg: Config, device: str, trust_remote_code: b
     del first
     for run_dir in run_dirs[1:]:
         with phases("model"):
-            model = load(run_dir, device, trust_remote_code=trust_remote_code)[0]
+            model = load(run_dir, device, trust_remote_code=trust_remote_code, base=base)[0]
         yield str(run_dir), model
 
 
 def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3, file: str | Path | None = None,
              file_format: Optional[str] = None, max_length: Optional[int] = None, stride: Optional[int] = None,
-             out: str | Path | None = None, trust_remote_code: bool = False) -> dict:
+             out: str | Path | None = None, trust_remote_code: bool = False, base: Optional[str] = None) -> dict:
     """Score the base model and each run side by side, overall and per dataset; write JSON and print a table.
 
     Data: the first run's held-out split, or every record of `file`. With max_length (and stride), long examples
@@ -123,14 +123,17 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     for name, value in (("--max_length", max_length), ("--stride", stride)):
         if value is not None and value < 1:
             raise ValueError(f"{name} {value}: should be 1 or more")
-    cfg = load_run_config(run_dirs[0], trust_remote_code)
+    cfg = load_run_config(run_dirs[0], trust_remote_code, base)
+    if file is None and is_peft_folder(run_dirs[0]):
+        raise ValueError(f"{run_dirs[0]} is a PEFT adapter without loratune's config, so it has no held-out data: "
+                         "pass --file FILE to say what to evaluate on")
     for run_dir in run_dirs:
         check_weights(run_dir)
     for other in run_dirs[1:]:
-        if load_run_config(other, trust_remote_code).model != cfg.model:
+        if load_run_config(other, trust_remote_code, base).model != cfg.model:
             raise ValueError(f"{other} was trained on another base model than {run_dirs[0]}; compare runs of one base")
     with phases("data"):
-        tok = load_tokenizer(cfg.model, source=str(run_dirs[0]))
+        tok = load_tokenizer(cfg.model, source=tokenizer_source(run_dirs[0]))
         held_out = eval_examples(cfg, tok, Path(file) if file else None, file_format, max_length is not None)
     scored = [w for e in held_out for w in windows(e, max_length, stride or max_length)] if max_length else held_out
     generative = [e for e in held_out if e.prompt_len > 0]
@@ -138,7 +141,7 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     for e in scored:
         groups[group_of(e)].append(e)
     results: dict = {"columns": [], "data": str(file) if file else "held-out split"}
-    for name, model in _models(run_dirs, cfg, device, trust_remote_code):
+    for name, model in _models(run_dirs, cfg, device, trust_remote_code, base):
         log.info("scoring %s: loss on %d examples, then %d generations", name, len(scored), len(generative))
         with phases("loss"):
             sums = {g: nll_and_count(model, members, tok.pad_token_id) for g, members in sorted(groups.items())}

@@ -9,6 +9,9 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
+from ..config import config_to_dict
 from ..curves import redraw
 from ..runs import load_run_config
 from .compare import better_direction, column_names, question_of, sample_indices, table_rows
@@ -76,13 +79,13 @@ def _samples(ev: dict, count: int) -> str:
 
 def write_report(run_dir: str | Path, samples: int = 8) -> Path:
     run_dir = Path(run_dir)
-    load_run_config(run_dir)  # says clearly when run_dir is not a run
+    cfg = load_run_config(run_dir)  # says clearly when run_dir is not a run (a PEFT adapter folder is one)
     redraw(run_dir)
     final = _read_json(run_dir / "final_metrics.json", {})
     ev = _read_json(run_dir / "eval.json", None)
     mix = _read_json(run_dir / "data_report.json", [])
-    config = (run_dir / "config.yaml").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("name:")), "?")
+    config = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    model = cfg.model.name
     cards = [("model", model), ("method", final.get("method", "lora")), ("steps", final.get("steps", "?")),
              ("final train loss", final.get("train_loss", "?")), ("train time", f"{final.get('train_seconds', 0):.0f} s"),
              ("trainable params", f"{final.get('trainable_parameters', 0):,}")]

@@ -1,0 +1,63 @@
+"""Adapters from elsewhere: a folder written by plain peft (get_peft_model + save_pretrained, no tokenizer, no
+loratune config) works with generate, chat, merge, eval (with --file) and report, with the logits plain peft gives."""
+
+import json
+
+import pytest
+import torch
+from badinput import check_bad, run_cli
+from conftest import QA, write_jsonl
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import loratune
+
+
+@pytest.fixture
+def peft_folder(tiny_llama_dir, tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")  # no tokenizer, no config.yaml: as a peft user leaves it
+    write_jsonl(tmp_path / "qa.jsonl", [{"messages": [{"role": "user", "content": r["question"]},
+                                                      {"role": "assistant", "content": r["answer"]}]} for r in QA])
+    (tmp_path / "prompts.txt").write_text("What is 2 plus 3?\n")
+    return tmp_path
+
+
+def test_loratune_loads_a_plain_peft_adapter_with_the_same_logits(peft_folder, tiny_llama_dir):
+    ours, tok = loratune.load(peft_folder / "adapter", device="cpu")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), peft_folder / "adapter")
+    ids = torch.tensor([tok("hello there", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_commands_on_a_plain_peft_adapter(peft_folder):
+    for argv in (["generate", "adapter", "--input", "prompts.txt", "--output", "out.jsonl", "--max_new_tokens", "4"],
+                 ["merge", "adapter", "merged"],
+                 ["eval", "adapter", "--file", "qa.jsonl", "--samples", "0"],
+                 ["report", "adapter"]):
+        code, text = run_cli(argv + (["--device", "cpu"] if argv[0] in ("generate", "eval") else []), peft_folder)
+        assert code == 0, text
+    assert json.loads((peft_folder / "out.jsonl").read_text())["output"] is not None
+    assert (peft_folder / "merged" / "model.safetensors").is_file()
+    assert (peft_folder / "adapter" / "report.html").is_file()
+    code, text = run_cli(["chat", "adapter", "--device", "cpu", "--max_new_tokens", "3"], peft_folder, stdin="hi\n")
+    assert code == 0 and "model>" in text, text
+
+
+def test_eval_of_a_peft_adapter_needs_a_file(peft_folder):
+    check_bad(["eval", "adapter"], peft_folder, "PEFT adapter", "pass --file", code=1)
+
+
+def test_an_adapter_that_names_no_base_needs_base(peft_folder, tiny_llama_dir):
+    config = peft_folder / "adapter" / "adapter_config.json"
+    saved = json.loads(config.read_text())
+    saved["base_model_name_or_path"] = None
+    config.write_text(json.dumps(saved))
+    check_bad(["generate", "adapter", "--input", "prompts.txt", "--output", "o.txt"], peft_folder, "names no base",
+              "--base", code=1)
+    code, text = run_cli(["generate", "adapter", "--input", "prompts.txt", "--output", "o.txt", "--base",
+                          str(tiny_llama_dir), "--max_new_tokens", "3", "--device", "cpu"], peft_folder)
+    assert code == 0, text
