@@ -17,6 +17,7 @@ _PUBLIC = {
     "train": "loratune.training.recipe",
     "evaluate": "loratune.evaluation.compare",
     "load": "loratune.inference.load",
+    "generate": "loratune.inference.batch",
 }
 __all__ = list(_PUBLIC)
 

@@ -97,7 +97,7 @@ def test_import_loratune_is_light():
 
 
 def test_public_api_names_resolve():
-    for name in ("Config", "load_config", "train", "evaluate", "load"):
+    for name in ("Config", "load_config", "train", "evaluate", "load", "generate"):
         assert callable(getattr(loratune, name))
     assert importlib.import_module("loratune.training.recipe").train is loratune.train
 
@@ -105,7 +105,7 @@ def test_public_api_names_resolve():
 # Who may import whom (README, "How the code is laid out"): each stage imports only the stages below it.
 SHARED = {"loratune", "loratune.config", "loratune.checks", "loratune.files", "loratune.device", "loratune.runs",
           "loratune.curves", "loratune.hub", "loratune.timing",
-          "loratune.card"}
+          "loratune.card", "loratune.logs"}
 ALLOWED = {
     "data": set(),
     "model": {"data"},

@@ -21,6 +21,7 @@ from ..device import pick_device
 from ..files import atomic_write
 from ..inference.generate import generate_batch
 from ..inference.load import load
+from ..logs import show_logs
 from ..model.load import load_base_model, load_tokenizer
 from ..model.loss import sum_token_nll
 from ..runs import check_weights, is_peft_folder, load_run_config, tokenizer_source
@@ -117,6 +118,7 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
     Data: the first run's held-out split, or every record of `file`. With max_length (and stride), long examples
     get sliding-window perplexity instead of being truncated. All runs must share their base model.
     """
+    show_logs()
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if file is not None and not Path(file).is_file():
         raise FileNotFoundError(f"--file {file}: no such file")

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.sources import raise_error, read_file
 from ..files import atomic_write
 from .generate import chat_prompt_ids, generate_batch
+from .load import load
 
 CHUNK = 256
 log = logging.getLogger("loratune")
@@ -165,3 +166,13 @@ def pick_batch_size(model: torch.nn.Module, prompts: list[list[int]], max_new_to
     log.info("generation batch size %d: %.1f GiB of the %.1f GiB free on the GPU (--batch_size sets it)",
              batch, batch * per_sequence / 2**30, free / 2**30)
     return batch
+
+
+def generate(run: str | Path, prompts: list[str], max_new_tokens: int = 128, batch_size: int | None = None,
+             system: str | None = None, device: str = "auto", **generate_kwargs) -> list[str]:
+    """Answers of a run (or PEFT adapter folder) to chat prompts, in order, as `loratune generate` gives them:
+    each prompt is a user message rendered with the run's chat template. Greedy unless `do_sample=True`."""
+    model, tok = load(run, device, merge_adapter=True)
+    ids = [prompt_ids_for("text", {"text": p}, tok, system) for p in prompts]
+    batch_size = batch_size or pick_batch_size(model, ids, max_new_tokens, generate_kwargs.get("num_beams", 1))
+    return generate_batch(model, tok, ids, max_new_tokens, batch_size, **generate_kwargs)

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..device import pick_device
+from ..logs import show_logs
 from ..model.load import DEFAULT_CHAT_TEMPLATE, load_adapter, load_base_model, load_tokenizer
 from ..runs import check_weights, is_peft_folder, load_run_config, tokenizer_source
 
@@ -24,6 +25,7 @@ def load(run_dir: str | Path, device: str = "auto", merge_adapter: bool = False,
     evaluation keeps the adapter separate, exactly as trained. Code shipped with the run or its base runs only
     with `trust_remote_code=True`, whatever the run's config says. `run_dir` may also be any PEFT adapter folder
     (its base from adapter_config.json, or `base`)."""
+    show_logs()
     cfg = load_run_config(run_dir, trust_remote_code, base)
     check_weights(run_dir)
     tok = load_tokenizer(cfg.model, source=tokenizer_source(run_dir))

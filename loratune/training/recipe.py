@@ -17,11 +17,12 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, save_config, validate
+from ..config import Config, load_config, save_config, validate
 from ..data.batches import all_batches, epoch_batches, to_device_batch, token_counts
 from ..data.examples import Example, load_data
 from ..device import pick_device
 from ..files import atomic_write
+from ..logs import show_logs
 from ..model.attention import use_packed_attention
 from ..model.load import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
 from ..model.loss import SummedNLL, packed_nll
@@ -56,14 +57,19 @@ from .tracking import Tracker
 log = logging.getLogger("loratune")
 
 
-def train(cfg: Config, overwrite: bool = False, resume: bool | None = None,
+def train(cfg: Config | dict | str | Path, overwrite: bool = False, resume: bool | None = None,
           protect: Iterable[str | Path] = ()) -> tuple[Path, dict]:
-    """Train a LoRA adapter as `cfg` says; return the run directory and the final metrics.
+    """Train a LoRA adapter as `cfg` says (a Config, a dict of its keys, or a YAML file); return the run directory
+    and the final metrics.
 
     `resume=True` continues output_dir's newest checkpoint; None follows train.resume. `protect`: paths this run
     reads (the config file); --overwrite never replaces a directory that holds them, nor one that holds the data.
     Under torchrun every process calls this; see loratune.training.distributed for how they share the work.
     """
+    show_logs()
+    if not isinstance(cfg, Config):
+        protect = [*protect, cfg] if isinstance(cfg, (str, Path)) else protect
+        cfg = load_config(cfg)
     run = open_run(cfg, overwrite, resume, protect)
     with phases("data"):
         tok = load_tokenizer(cfg.model)
