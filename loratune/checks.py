@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 # Keys users bring from HF TrainingArguments, TRL, Axolotl and peft -> loratune's key (a note where it differs).
@@ -145,6 +146,9 @@ def problems(cfg: Any) -> list[tuple[str, str]]:
         found.append(("train.best_metric", f"'{tc.best_metric}' should be eval_loss or eval_loss/DATASET"))
     if tc.precision == "fp16" and tc.device == "cpu":
         found.append(("train.precision", "fp16 needs a GPU; use bf16 or fp32 on the CPU"))
+    template = cfg.data.chat_template
+    if template not in ("auto", "chatml", "plain") and not Path(template).expanduser().is_file():
+        found.append(("data.chat_template", f"'{template}' is not auto, chatml, plain or a Jinja file that exists"))
     for i, ds in enumerate(cfg.data.datasets):
         if ds.data_files and not ds.hub:  # else `path` (the demo set by default) would be read instead, silently
             found.append((f"data.datasets[{i}].data_files", "data_files are read through a `datasets` builder: set "

@@ -118,6 +118,10 @@ class DataConfig:
     """Where tokenized datasets are cached (keyed by file contents, tokenizer, template, max_length); null turns it off."""
     on_bad_record: str = "error"
     """`error` stops at the first bad record, naming file, line and field; `skip` counts and reports them instead."""
+    chat_template: str = "auto"
+    """The prompt format of chat records: `auto` (the tokenizer's own; loratune's plain `User:` / `Assistant:` format
+    when it has none), `chatml`, `plain`, or a Jinja file. Saved with the run's tokenizer, so eval, generate, chat,
+    merge and serve use the same."""
     packing: bool = False
     """Pack several examples into each row of max_length tokens; each example attends only to itself and its
     positions restart at 0. batch_size then counts rows. Always on in the fast path."""

@@ -13,7 +13,7 @@ from typing import TextIO
 from transformers import PreTrainedTokenizerBase
 
 from ..config import Config
-from ..model.load import load_tokenizer
+from ..model.load import load_tokenizer, use_chat_template
 from .examples import IGNORE, Example, dataset_examples, resolve_preset
 
 
@@ -64,6 +64,7 @@ def doctor(cfg: Config, out: TextIO | None = None) -> int:
     """Print the report; return the exit code (1 when there are errors)."""
     out = out or sys.stdout  # looked up per call, so a redirected stdout is honoured
     tok = load_tokenizer(cfg.model)
+    use_chat_template(tok, cfg.data.chat_template)
     found = Findings()
     color = out.isatty()
     for ds in cfg.data.datasets:

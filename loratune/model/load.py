@@ -52,6 +52,24 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# ChatML; an assistant turn also ends in the tokenizer's EOS where that is not <|im_end|> itself, so that generation
+# stops where training ended the turn.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' and eos_token != '<|im_end|>' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"plain": DEFAULT_CHAT_TEMPLATE, "chatml": CHATML_TEMPLATE}
+
+
+def use_chat_template(tok: PreTrainedTokenizerBase, choice: str) -> None:
+    """Set the prompt format data.chat_template names (`auto` keeps what load_tokenizer gave)."""
+    if choice in NAMED_TEMPLATES:
+        tok.chat_template = NAMED_TEMPLATES[choice]
+    elif choice != "auto":
+        tok.chat_template = Path(choice).expanduser().read_text(encoding="utf-8")
+
+
 class ModelLoadError(RuntimeError):
     """The model could not be found or loaded; the message says what to try instead."""
 

@@ -24,7 +24,14 @@ from ..device import pick_device
 from ..files import atomic_write
 from ..logs import show_logs
 from ..model.attention import use_packed_attention
-from ..model.load import count_parameters, load_base_model, load_tokenizer, prepare_for_training, unwrap_causal_lm
+from ..model.load import (
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    prepare_for_training,
+    unwrap_causal_lm,
+    use_chat_template,
+)
 from ..model.loss import SummedNLL, packed_nll
 from ..timing import phases
 from . import distributed as dist
@@ -73,6 +80,7 @@ def train(cfg: Config | dict | str | Path, overwrite: bool = False, resume: bool
     run = open_run(cfg, overwrite, resume, protect)
     with phases("data"):
         tok = load_tokenizer(cfg.model)
+        use_chat_template(tok, cfg.data.chat_template)
         train_set, held_out, report = load_data(cfg.data, tok, cfg.train.seed)
     for line in report:
         log.info("data: %s", line)
