@@ -146,6 +146,14 @@ def problems(cfg: Any) -> list[tuple[str, str]]:
         found.append(("train.best_metric", f"'{tc.best_metric}' should be eval_loss or eval_loss/DATASET"))
     if tc.precision == "fp16" and tc.device == "cpu":
         found.append(("train.precision", "fp16 needs a GPU; use bf16 or fp32 on the CPU"))
+    adapter = cfg.model.adapter
+    if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        found.append(("model.adapter", f"{adapter} holds no adapter_config.json; give a loratune run or a PEFT LoRA "
+                      "folder"))
+    elif adapter and not (Path(adapter).expanduser() / "adapter_model.safetensors").is_file():
+        found.append(("model.adapter", f"{adapter} has no adapter_model.safetensors (loratune loads safetensors only)"))
+    if adapter and cfg.method != "lora":
+        found.append(("model.adapter", "continuing an adapter needs method: lora"))
     template = cfg.data.chat_template
     if template not in ("auto", "chatml", "plain") and not Path(template).expanduser().is_file():
         found.append(("data.chat_template", f"'{template}' is not auto, chatml, plain or a Jinja file that exists"))

@@ -105,8 +105,10 @@ def _resumed_config(run_dir: Path) -> Path:
     return run_dir / "config.yaml"
 
 
-def _trust_flag(parser: argparse.ArgumentParser) -> None:
+def _trust_flag(parser: argparse.ArgumentParser, with_template: bool = False) -> None:
     parser.add_argument("--base", help="the base model for a PEFT adapter folder (default: its adapter_config.json)")
+    if with_template:
+        parser.add_argument("--template", help="prompt format: chatml, plain or a Jinja file (default: the run's own)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow Python code shipped with the run or its base model to run (off: a run's own "
                              "config can't turn it on)")
@@ -147,7 +149,7 @@ def _chat(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--device", default="auto")
-    _trust_flag(parser)
+    _trust_flag(parser, with_template=True)
     args = parser.parse_args(argv)
     with phases("import"):
         from .inference.chat import chat_loop
@@ -155,7 +157,7 @@ def _chat(argv: list[str]) -> int:
 
     with phases("model"):
         model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code,
-                          base=args.base)
+                          base=args.base, template=args.template)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     return 0
@@ -176,7 +178,7 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--system", default=None, help="system prompt for chat prompts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file that holds other outputs")
-    _trust_flag(parser)
+    _trust_flag(parser, with_template=True)
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch_size {args.batch_size}: give 1 or more, or leave it out to fit the free GPU memory")
@@ -186,7 +188,7 @@ def _generate(argv: list[str]) -> int:
 
     settings = {"run_dir": str(Path(args.run_dir).resolve()), "max_new_tokens": args.max_new_tokens,
                 "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams, "seed": args.seed,
-                "system": args.system}
+                "system": args.system, "template": args.template}
     sampling = args.temperature > 0
     job = plan(args.input, args.output, settings, overwrite=args.overwrite, sampling=sampling)  # before the model loads
     if job.done == len(job.prompts):
@@ -194,7 +196,7 @@ def _generate(argv: list[str]) -> int:
         return 0
     with phases("model"):
         model, tok = load(args.run_dir, args.device, merge_adapter=True, trust_remote_code=args.trust_remote_code,
-                          base=args.base)
+                          base=args.base, template=args.template)
     options = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
     if sampling:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)

@@ -35,6 +35,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to load; ignored for local paths."""
     dtype: str = "auto"
     """Weight dtype: `auto` (fp32 on CPU, bf16 on GPU), `float32`, `bfloat16` or `float16`."""
+    adapter: Optional[str] = None
+    """Continue training this adapter (a loratune run or any PEFT LoRA folder, safetensors) instead of starting a
+    new one; its own LoRA settings (rank, targets, ...) then win over lora.*."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run. Off by default: only turn on for repositories you trust."""
     gguf_cache_dir: Optional[str] = "~/.cache/loratune/gguf"

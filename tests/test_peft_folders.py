@@ -61,3 +61,29 @@ def test_an_adapter_that_names_no_base_needs_base(peft_folder, tiny_llama_dir):
     code, text = run_cli(["generate", "adapter", "--input", "prompts.txt", "--output", "o.txt", "--base",
                           str(tiny_llama_dir), "--max_new_tokens", "3", "--device", "cpu"], peft_folder)
     assert code == 0, text
+
+
+def test_an_explicit_template_for_an_adapter_from_elsewhere(peft_folder):
+    code, text = run_cli(["generate", "adapter", "--input", "prompts.txt", "--output", "o.jsonl", "--template", "chatml",
+                          "--max_new_tokens", "2", "--device", "cpu"], peft_folder)
+    assert code == 0 and "neither the adapter nor its base has a chat template" not in text, text
+
+
+def test_training_continues_an_adapter_from_elsewhere(peft_folder, tiny_llama_dir):
+    from safetensors.torch import load_file
+    from test_train import tiny_config
+
+    start = load_file(peft_folder / "adapter" / "adapter_model.safetensors")
+    cfg = tiny_config(tiny_llama_dir, write_jsonl(peft_folder / "qa2.jsonl", QA), peft_folder / "run", report_to=[],
+                      max_steps=1, lr=1e-9, warmup_steps=0)
+    cfg.model.adapter = str(peft_folder / "adapter")
+    run_dir, _ = loratune.train(cfg)
+    after = load_file(run_dir / "adapter_model.safetensors")
+    assert {k.replace(".default", "") for k in after} == {k.replace(".default", "") for k in start}  # its r=4 q/v
+    for key in start:
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=1e-6)  # one step at lr 1e-9: where it started
+
+
+def test_model_adapter_must_be_an_adapter(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  adapter: nowhere\n")
+    check_bad(["train", "c.yaml"], tmp_path, "c.yaml:2", "model.adapter", "adapter_config.json", code=1)

@@ -11,14 +11,14 @@ from transformers import PreTrainedTokenizerBase
 
 from ..device import pick_device
 from ..logs import show_logs
-from ..model.load import DEFAULT_CHAT_TEMPLATE, load_adapter, load_base_model, load_tokenizer
+from ..model.load import DEFAULT_CHAT_TEMPLATE, load_adapter, load_base_model, load_tokenizer, use_chat_template
 from ..runs import check_weights, is_peft_folder, load_run_config, tokenizer_source
 
 log = logging.getLogger("loratune")
 
 
 def load(run_dir: str | Path, device: str = "auto", merge_adapter: bool = False, trust_remote_code: bool = False,
-         base: str | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+         base: str | None = None, template: str | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) of a run, in eval mode and ready to generate: the base with the run's adapter,
     or for `method: full` the fine-tuned model itself. `merge_adapter` folds the adapter into the base weights:
     generation then runs no adapter kernels (faster), at the cost of rounding the sum to the weights' dtype, so
@@ -29,7 +29,9 @@ def load(run_dir: str | Path, device: str = "auto", merge_adapter: bool = False,
     cfg = load_run_config(run_dir, trust_remote_code, base)
     check_weights(run_dir)
     tok = load_tokenizer(cfg.model, source=tokenizer_source(run_dir))
-    if is_peft_folder(run_dir) and tok.chat_template == DEFAULT_CHAT_TEMPLATE:
+    if template:  # the prompt format asked for in this command (a run keeps the one it trained with otherwise)
+        use_chat_template(tok, template)
+    elif is_peft_folder(run_dir) and tok.chat_template == DEFAULT_CHAT_TEMPLATE:
         log.warning("%s: neither the adapter nor its base has a chat template; prompts use loratune's plain "
                     "'User:' / 'Assistant:' format", run_dir)
     if cfg.method == "full":

@@ -260,8 +260,13 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return model
 
 
-def prepare_for_training(model: PreTrainedModel, method: str, lora: LoraConfig) -> torch.nn.Module:
-    """`lora`: wrap with a peft adapter. `full`: every weight trains."""
+def prepare_for_training(model: PreTrainedModel, method: str, lora: LoraConfig,
+                         adapter: str | None = None) -> torch.nn.Module:
+    """`lora`: wrap with a new peft adapter, or the trainable `adapter` saved earlier. `full`: every weight trains."""
+    if method == "lora" and adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        log.info("continuing the adapter in %s: %s trainable parameters", adapter, f"{count_parameters(model)[0]:,}")
+        return model
     if method == "lora":
         return add_lora(model, lora)
     if method != "full":

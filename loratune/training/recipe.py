@@ -167,7 +167,7 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
     autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     with phases("model"):
-        model = prepare_for_training(load_base_model(cfg.model, device), cfg.method, cfg.lora)
+        model = prepare_for_training(load_base_model(cfg.model, device), cfg.method, cfg.lora, cfg.model.adapter)
     if run.checkpoint:
         load_weights(run.checkpoint, model)  # before DDP or FSDP wraps the model
     if d.enabled:
