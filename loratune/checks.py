@@ -59,7 +59,7 @@ CHOICES = {
     "method": ("lora", "full"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "lora.bias": ("none", "all", "lora_only"),
-    "lora.init": ("default", "gaussian"),
+    "lora.init": ("default", "gaussian", "pissa", "olora"),
     "data.truncation": ("truncate", "drop"),
     "data.on_bad_record": ("error", "skip"),
     "data.datasets[].format": ("chat", "completion", "text"),

@@ -63,7 +63,9 @@ class LoraConfig:
     use_rslora: bool = False
     """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning."""
     init: str = "default"
-    """How the adapter starts: `default` (A Kaiming-uniform, B zero) or `gaussian` (A Gaussian, B zero)."""
+    """How the adapter starts: `default` (A Kaiming-uniform, B zero), `gaussian` (A Gaussian, B zero), `pissa` (from
+    each weight's principal singular vectors) or `olora` (orthonormal, by QR). pissa and olora move part of the base
+    weights into the adapter; the saved adapter is converted back so that it fits the original base."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained and saved whole besides the adapters, e.g. `[lm_head]`."""
     layers: Optional[list[int]] = None

@@ -41,11 +41,31 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+INITIAL_ADAPTER = "initial_adapter"  # peft loads it under its folder name, which can't start with "."
+
+
+def converted_init(cfg: Config) -> bool:
+    """PiSSA and OLoRA start by moving part of each base weight into the adapter: the final adapter is converted
+    back (peft's path_initial_model_for_weight_conversion) so that it fits the original base."""
+    return cfg.method == "lora" and cfg.lora.init in ("pissa", "olora") and not cfg.model.adapter
+
+
+def save_initial_adapter(model: torch.nn.Module, run_dir: Path) -> None:
+    """The adapter as initialised, before any step: what the conversion at the end subtracts."""
+    for peft_config in model.peft_config.values():
+        peft_config.init_lora_weights = True  # as peft asks: the saved initial adapter is loaded as a plain one
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp-"))  # a kill leaves it to rundir.clear_leftovers
+    model.save_pretrained(tmp, safe_serialization=True)
+    _replace_dir(tmp, run_dir / INITIAL_ADAPTER)
+
+
 def save_weights(model: torch.nn.Module, tok: Optional[PreTrainedTokenizerBase], folder: Path,
-                 state_dict: Optional[dict] = None) -> None:
+                 state_dict: Optional[dict] = None, initial: Optional[Path] = None) -> None:
     """PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full fine-tuning, the whole model.
-    `state_dict`: the full weights of a sharded (FSDP) model, gathered by every rank."""
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    `state_dict`: the full weights of a sharded (FSDP) model, gathered by every rank. `initial`: a PiSSA/OLoRA run's
+    initial adapter, to convert the saved one into an adapter of the original base."""
+    extra = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **extra)
     if tok is not None:
         tok.save_pretrained(folder)
 
@@ -57,7 +77,7 @@ def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, 
         peft_config.base_model_name_or_path = portable_base_name(cfg.model.name)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tmp-") as tmp:
         tmp = Path(tmp)
-        save_weights(model, tok, tmp, state_dict)
+        save_weights(model, tok, tmp, state_dict, run_dir / INITIAL_ADAPTER if converted_init(cfg) else None)
         save_config(cfg, tmp / "config.yaml")
         atomic_write(tmp / "final_metrics.json", json.dumps(final, indent=2))
         # replaces peft's empty template

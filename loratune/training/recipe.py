@@ -37,12 +37,14 @@ from ..timing import phases
 from . import distributed as dist
 from . import rundir
 from .checkpoint import (
+    converted_init,
     latest_checkpoint,
     load_training_state,
     load_weights,
     resume_point,
     rng_state,
     save_checkpoint,
+    save_initial_adapter,
     save_run,
 )
 from .graphs import GraphedMicroStep, graphs_blocker
@@ -90,7 +92,7 @@ def train(cfg: Config | dict | str | Path, overwrite: bool = False, resume: bool
     if finished is not None:
         return run.dir, finished
     parts = build_parts(run, train_set)
-    aside = start_writing(run, report)
+    aside = start_writing(run, report, parts)
     progress = restore(run, parts)
     tracker = Tracker(run.dir, cfg.train.report_to, dataclasses.asdict(cfg), resume_step=progress.step) \
         if run.d.main else None
@@ -212,7 +214,7 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
                  dist.is_sharded(nll_module), flat_sync)
 
 
-def start_writing(run: Run, report: list) -> Optional[Path]:
+def start_writing(run: Run, report: list, p: Parts) -> Optional[Path]:
     """Create (or replace) the run directory, only now that loading worked: a failed start leaves no empty run
     behind and the old run as it was. Returns where a replaced run waits until the first step is done."""
     aside = None
@@ -220,6 +222,8 @@ def start_writing(run: Run, report: list) -> Optional[Path]:
         aside = rundir.begin(run.dir, replace=run.replace)
         save_config(run.cfg, run.dir / "config.yaml")
         atomic_write(run.dir / "data_report.json", json.dumps(report, indent=2))  # the realised mix, for the report
+        if converted_init(run.cfg) and not run.checkpoint:
+            save_initial_adapter(p.model, run.dir)
     dist.barrier(run.d)
     return aside
 

@@ -25,7 +25,8 @@ RUN_FILES = {"config.yaml", "data_report.json", "metrics.jsonl", "eval_history.j
              "tensorboard", "wandb", "final_metrics.json", "adapter_config.json", "adapter_model.safetensors",
              "model.safetensors", "config.json", "generation_config.json", "README.md", "report.html",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
-             "merges.txt", "tokenizer.model", "added_tokens.json", ".wandb-run-id", ".mlflow-run-id", MARKER}
+             "merges.txt", "tokenizer.model", "added_tokens.json", ".wandb-run-id", ".mlflow-run-id", "initial_adapter",
+             MARKER}
 
 
 class RunDirError(RuntimeError):
