@@ -41,7 +41,7 @@ CASES = {
     "method qlora": ("method: qlora\n", ["c.yaml:1", "method", "lora, full"]),
     "model dtype": ("model:\n  dtype: fp8\n", ["model.dtype", "float32"]),
     "lora bias": ("lora:\n  bias: some\n", ["lora.bias", "none, all, lora_only"]),
-    "lora init": ("lora:\n  init: pissa\n", ["lora.init", "default, gaussian"]),
+    "lora init": ("lora:\n  init: kaiming\n", ["lora.init", "default, gaussian, pissa, olora"]),
     "truncation cut": ("data:\n  truncation: cut\n", ["data.truncation", "truncate, drop"]),
     "on_bad_record ignore": ("data:\n  on_bad_record: ignore\n", ["data.on_bad_record", "error, skip"]),
     "max_length 0": ("data:\n  max_length: 0\n", ["data.max_length", "at least 2"]),
