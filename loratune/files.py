@@ -18,7 +18,7 @@ def atomic_write(path: str | Path, data: str | bytes, encoding: str = "utf-8") -
             f.write(data.encode(encoding) if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a plain open() would honour the umask
         os.replace(tmp, path)
     except BaseException:
         with_suppressed_unlink(tmp)
@@ -33,7 +33,8 @@ def with_suppressed_unlink(path: str | Path) -> None:
         pass
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-mode mask (os.umask can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

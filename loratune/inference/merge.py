@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from ..files import umask
 from ..model.load import resolve_source
 from ..runs import load_run_config
 from ..timing import phases
@@ -41,7 +42,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = Fa
         with phases("save"):
             merged.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; a merged model is for sharing
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes the folder private; a merged model is for sharing
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -58,9 +59,3 @@ def declared_dtype(run_dir: str | Path, base: str | None = None) -> torch.dtype:
     source, kwargs = resolve_source(cfg.model.name, cfg.model.gguf_cache_dir)
     declared = getattr(AutoConfig.from_pretrained(source, revision=cfg.model.revision, **kwargs), "dtype", None)
     return declared if declared in DTYPES.values() else torch.float32
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
