@@ -21,10 +21,7 @@ import yaml
 
 from .checks import problems, suggestion
 from .files import atomic_write
-
-
-class ConfigError(ValueError):
-    """A config problem, with a message that names the key and says how to fix it."""
+from .yaml_file import ConfigError, read_yaml, report_problems
 
 
 @dataclass
@@ -360,85 +357,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last one, silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice (first on line "
-                                  f"{seen[key]}); keep one")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """The line of every key in a YAML text, by dotted key (list items as key[i])."""
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
-                walk(item, f"{prefix}[{i}]")
-
-    try:
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if raw is None:  # an empty file would otherwise be the defaults, silently
-        raise ConfigError(f"{path} is empty; write the settings you want (see loratune train --help), or leave the "
-                          "file out to use the shipped default config")
-    return raw, _key_lines(text)
-
-
-def _report(path: Path | None, errors: list, lines: dict[str, int], overridden: set[str] = frozenset()) -> None:
-    """Raise one ConfigError listing every problem, each with its line where the file has one (a key set by a
-    --key=value override is named as such)."""
-    if not errors:
-        return
-    source = str(path) if path else "config"
-    rows = []
-    line_of = {key: lines.get(key) or lines.get(key.rsplit(".", 1)[0]) for key, _ in errors}
-    for key, message in sorted(errors, key=lambda e: line_of[e[0]] or 10**9):
-        line = line_of[key]
-        if key in overridden:
-            rows.append(f"--{key}: {message}")
-        else:
-            rows.append(f"{source}:{line}: {message}" if line else f"{source}: {message}")
-    header = f"{len(rows)} problems in {source}:\n  " if len(rows) > 1 else ""
-    raise ConfigError(header + "\n  ".join(rows))
-
-
 def load_dataclass(path: str | Path, cls: type, overrides: list[tuple[str, Any]] = ()) -> Any:
     """Read a YAML file into the dataclass `cls`, applying dotted overrides; errors name the file, line and key."""
     path = Path(path)
-    raw, lines = _read_yaml(path)
+    raw, lines = read_yaml(path)
     for key, value in overrides:
         if not isinstance(raw, dict):
             break
@@ -447,7 +369,7 @@ def load_dataclass(path: str | Path, cls: type, overrides: list[tuple[str, Any]]
     built = _build(cls, raw, "", errors)
     if cls is Config:  # fields with a type problem kept their defaults, so the ranges of the others still get checked
         errors += [(key, f"{key}: {message}") for key, message in problems(built)]
-    _report(path, errors, lines, {key for key, _ in overrides})
+    report_problems(path, errors, lines, {key for key, _ in overrides})
     return built
 
 
@@ -459,7 +381,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[tuple[s
             _apply_override(raw, key, value)
         errors: list = []
         cfg = _build(Config, raw, "", errors)
-        _report(None, errors, {})
+        report_problems(None, errors, {})
         validate(cfg)
         return cfg
     return load_dataclass(source or DEFAULT_CONFIG, Config, overrides)
@@ -467,7 +389,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[tuple[s
 
 def validate(cfg: Config) -> None:
     """Check a Config built in code as a file is checked: every choice and range, all problems at once."""
-    _report(None, [(key, f"{key}: {message}") for key, message in problems(cfg)], {})
+    report_problems(None, [(key, f"{key}: {message}") for key, message in problems(cfg)], {})
 
 
 def config_to_dict(cfg: Config) -> dict:
