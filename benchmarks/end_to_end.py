@@ -207,7 +207,7 @@ def run_cli(args, cfg: Config, tmp: Path, held_file: Path, runs: dict, record) -
                      train=TrainConfig(num_epochs=cfg.train.num_epochs), output_dir=cfg.output_dir)
     save_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp / "tokenized"))),
                 tmp / "cfg.yaml")
-    gguf = f"--model.gguf_cache_dir={tmp / 'gguf'}"
+    gguf = f"--model.gguf_cache_dir={args.cli_gguf_cache or tmp / 'gguf'}"
     record()  # names tmp (the commands' logs) before anything can fail
     runs["first train on a machine (1 step, empty GGUF cache)"] = timed(
         ["train", str(tmp / "cfg.yaml"), gguf, f"--output_dir={tmp / 'first'}", "--train.max_steps=1"], tmp / "first.log")
@@ -229,7 +229,7 @@ def run_cli(args, cfg: Config, tmp: Path, held_file: Path, runs: dict, record) -
         env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"), "TRITON_CACHE_DIR": str(tmp / "triton")}
         for which in ("cold", "warm"):
             runs[f"compiled train, {which} compiler caches (20 steps)"] = timed(
-                ["train", str(tmp / "cfg.yaml"), gguf, f"--output_dir={tmp / which}", "--train.compile=on",
+                ["train", str(tmp / "cfg.yaml"), gguf, f"--output_dir={tmp / which}", "--train.compile='on'",
                  "--train.max_steps=20"], tmp / f"compile-{which}.log", env)
             record()
 
@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--cli", action="store_true", help="time the CLI commands as separate processes instead")
     parser.add_argument("--repeats", type=int, default=1, help="--cli: train + generate this many times")
     parser.add_argument("--cli-config", choices=["defaults", "job"], default="defaults", help="--cli: see run_cli")
+    parser.add_argument("--cli-gguf-cache", help="--cli: the GGUF cache folder (default: an empty one in the temp dir)")
     parser.add_argument("--cli-batch-size", type=int, help="--cli: pass --batch_size to generate (default: its own pick)")
     parser.add_argument("--compile-twice", action="store_true", help="--cli: also a compiled run, cold then warm caches")
     parser.add_argument("--out", default="benchmarks/results/end-to-end.json")

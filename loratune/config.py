@@ -21,7 +21,7 @@ import yaml
 
 from .checks import problems, suggestion
 from .files import atomic_write
-from .yaml_file import ConfigError, read_yaml, report_problems
+from .yaml_file import ConfigError, load_value, read_yaml, report_problems
 
 
 @dataclass
@@ -351,7 +351,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         else:
             raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
         try:
-            pairs.append((key, yaml.safe_load(text)))
+            pairs.append((key, load_value(text)))
         except yaml.YAMLError:
             raise ConfigError(f"override --{key}: can't read {text!r} as a value; quote it") from None
     return pairs

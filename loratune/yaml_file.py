@@ -3,6 +3,7 @@ key's line is kept, and all problems are reported at once, each with its line.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ class ConfigError(ValueError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last one, silently)."""
+    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last one, silently), and
+    reads booleans as YAML 1.2 does: only true/false. PyYAML's 1.1 rules read `on`, `off`, `yes` and `no` as
+    booleans, so `compile: on` would become `compile: True`."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -86,3 +89,19 @@ def report_problems(path: Path | None, errors: list, lines: dict[str, int], over
             rows.append(f"{source}:{line}: {message}" if line else f"{source}: {message}")
     header = f"{len(rows)} problems in {source}:\n  " if len(rows) > 1 else ""
     raise ConfigError(header + "\n  ".join(rows))
+
+
+def _yaml12_booleans(loader: type) -> None:
+    bool_tag = "tag:yaml.org,2002:bool"
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+_yaml12_booleans(_UniqueKeyLoader)
+
+
+def load_value(text: str) -> Any:
+    """One value as YAML reads it in a config file (a --key=value override)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)

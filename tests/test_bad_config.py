@@ -55,6 +55,8 @@ CASES = {
     "eval max_new_tokens 0": ("eval:\n  max_new_tokens: 0\n", ["eval.max_new_tokens", "at least 1"]),
     "wrong type": ("train:\n  batch_size: eight\n", ["c.yaml:2", "train.batch_size", "expected int"]),
     "bool for int": ("lora:\n  r: true\n", ["lora.r", "expected int"]),
+    "yes for a bool": ("train:\n  gradient_checkpointing: yes\n", ["c.yaml:2", "gradient_checkpointing",
+                                                                    "expected true or false"]),
     "list for str": ("model:\n  name: [a, b]\n", ["model.name", "expected str"]),
     "section not a mapping": ("train: 5\n", ["train", "expected a mapping"]),
     "top level not a mapping": ("- a\n- b\n", ["expected a mapping"]),

@@ -51,3 +51,11 @@ def test_cli_help_documents_every_key():
     for key in ("--model.name", "--lora.target_modules", "--data.datasets[].fields", "--train.grad_accum", "--output_dir"):
         assert key in text
     assert "trust" in text  # docstrings reach the help, not just the names
+
+
+def test_on_and_off_stay_words_as_in_yaml_1_2(tmp_path):
+    """`compile: on` is the word the docs use; PyYAML's 1.1 rules would read it as True."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  compile: on\n  cuda_graphs: off\n  fast: 'on'\n")
+    cfg = load_config(f, parse_overrides(["--train.deterministic=true"]))
+    assert (cfg.train.compile, cfg.train.cuda_graphs, cfg.train.fast, cfg.train.deterministic) == ("on", "off", "on", True)
