@@ -31,7 +31,7 @@ CASES = {
     "precision half": ("train:\n  precision: half\n", ["train.precision", "auto, fp32, bf16, fp16"]),
     "precision bfloat16": ("train:\n  precision: bfloat16\n", ["train.precision", "write bf16"]),
     "fp16 on cpu": ("train:\n  precision: fp16\n  device: cpu\n", ["train.precision", "needs a GPU"]),
-    "resume yes": ("train:\n  resume: yes\n", ["train.resume", "expected str"]),
+    "resume yes": ("train:\n  resume: yes\n", ["c.yaml:2", "train.resume", "never, auto"]),
     "resume always": ("train:\n  resume: always\n", ["train.resume", "never, auto"]),
     "parallel zero": ("train:\n  parallel: zero3\n", ["train.parallel", "ddp, fsdp"]),
     "fast maybe": ("train:\n  fast: maybe\n", ["train.fast", "auto, on, off"]),
