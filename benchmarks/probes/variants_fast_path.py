@@ -43,6 +43,7 @@ def main() -> None:
         for name, lora in VARIANTS.items():
             handler = Lines()
             logging.getLogger("loratune").addHandler(handler)
+            logging.getLogger("loratune").setLevel(logging.INFO)  # the path line is INFO
             cfg = tiny_config(model, data, tmp / f"{name}-{compile_}", report_to=[], max_steps=8, fast="on",
                               compile=compile_, log_every=1)
             for key, value in lora.items():
