@@ -62,6 +62,13 @@ def is_peft_folder(run_dir: str | Path) -> bool:
     return not (Path(run_dir) / "config.yaml").is_file()
 
 
+def refuse_overwriting_in_a_peft_folder(run_dir: str | Path, path: str | Path) -> None:
+    """A PEFT folder from elsewhere is the user's: a file of the name loratune would write is not replaced."""
+    if is_peft_folder(run_dir) and Path(path).exists():
+        raise RunError(f"{path} already exists in {run_dir}, a folder loratune did not make; nothing was replaced. "
+                       "Move that file, or write elsewhere (eval: --out FILE)")
+
+
 def tokenizer_source(run_dir: str | Path) -> Optional[str]:
     """Where the run's tokenizer is: the folder when it holds one, else None (the base's)."""
     return str(run_dir) if any((Path(run_dir) / name).is_file() for name in TOKENIZER_FILES) else None

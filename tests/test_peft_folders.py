@@ -87,3 +87,10 @@ def test_training_continues_an_adapter_from_elsewhere(peft_folder, tiny_llama_di
 def test_model_adapter_must_be_an_adapter(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  adapter: nowhere\n")
     check_bad(["train", "c.yaml"], tmp_path, "c.yaml:2", "model.adapter", "adapter_config.json", code=1)
+
+
+def test_files_of_the_users_own_in_a_peft_folder_are_not_replaced(peft_folder):
+    (peft_folder / "adapter" / "report.html").write_text("my own report")
+    (peft_folder / "adapter" / "eval-qa.json").write_text("{}")
+    check_bad(["report", "adapter"], peft_folder, "report.html already exists", "did not make", code=1)
+    check_bad(["eval", "adapter", "--file", "qa.jsonl"], peft_folder, "eval-qa.json already exists", "--out", code=1)

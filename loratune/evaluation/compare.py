@@ -24,7 +24,7 @@ from ..inference.load import load
 from ..logs import show_logs
 from ..model.load import load_base_model, load_tokenizer
 from ..model.loss import sum_token_nll
-from ..runs import check_weights, is_peft_folder, load_run_config, tokenizer_source
+from ..runs import check_weights, is_peft_folder, load_run_config, refuse_overwriting_in_a_peft_folder, tokenizer_source
 from ..timing import phases
 from .metrics import METRICS, reference_of, score_generations
 
@@ -126,6 +126,9 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
         if value is not None and value < 1:
             raise ValueError(f"{name} {value}: should be 1 or more")
     cfg = load_run_config(run_dirs[0], trust_remote_code, base)
+    if out is None:  # decided before the slow work: in a PEFT folder from elsewhere, nothing of the user's is replaced
+        out = run_dirs[0] / ("eval.json" if file is None else f"eval-{Path(file).stem}.json")
+        refuse_overwriting_in_a_peft_folder(run_dirs[0], out)
     if file is None and is_peft_folder(run_dirs[0]):
         raise ValueError(f"{run_dirs[0]} is a PEFT adapter without loratune's config, so it has no held-out data: "
                          "pass --file FILE to say what to evaluate on")
@@ -163,7 +166,6 @@ def evaluate(run_dirs: str | Path | list, device: str = "auto", samples: int = 3
         results[name] = row
     results["examples"] = [{"prompt": tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True),
                             "reference": reference_of(e, tok)} for e in generative]
-    out = Path(out) if out else run_dirs[0] / ("eval.json" if file is None else f"eval-{Path(file).stem}.json")
     atomic_write(out, json.dumps(results, indent=2))
     print(format_table(results))
     print(format_samples(results, samples))

@@ -13,7 +13,7 @@ import yaml
 
 from ..config import config_to_dict
 from ..curves import redraw
-from ..runs import load_run_config
+from ..runs import load_run_config, refuse_overwriting_in_a_peft_folder
 from .compare import better_direction, column_names, question_of, sample_indices, table_rows
 from .metrics import normalize_answer
 
@@ -80,6 +80,8 @@ def _samples(ev: dict, count: int) -> str:
 def write_report(run_dir: str | Path, samples: int = 8) -> Path:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)  # says clearly when run_dir is not a run (a PEFT adapter folder is one)
+    for name in ("report.html", "curves.png"):
+        refuse_overwriting_in_a_peft_folder(run_dir, run_dir / name)
     redraw(run_dir)
     final = _read_json(run_dir / "final_metrics.json", {})
     ev = _read_json(run_dir / "eval.json", None)
