@@ -221,6 +221,37 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loratune serve", description="An OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, "
+        "/v1/completions) for one or more runs of one base model, each a model name, plus the base itself. Adapters "
+        "stay unmerged: requests for different runs share forward passes.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run or PEFT adapter folder, or NAME=RUN_DIR "
+                        "(default name: the folder's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("LORATUNE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every request (default: $LORATUNE_API_KEY)")
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting at most; more are answered 503 with Retry-After")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="the largest max_tokens a request may ask for")
+    parser.add_argument("--device", default="auto")
+    _trust_flag(parser)
+    args = parser.parse_args(argv)
+    for flag in ("max_batch", "max_queue", "max_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be 1 or more")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port {args.port}: give a port from 0 to 65535")
+    with phases("import"):
+        from .serve.main import serve
+
+    return serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+                 max_queue=args.max_queue, max_tokens=args.max_tokens, device=args.device,
+                 trust_remote_code=args.trust_remote_code, base=args.base)
+
+
 def _push(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune push", description="Upload a run (adapter, tokenizer, model card, "
                                      "config) to a Hugging Face hub repository, through huggingface_hub.")
@@ -272,7 +303,7 @@ def _prepare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push}
+            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push, "serve": _serve}
 
 
 TIMED = ("train", "eval", "generate", "merge", "chat")

@@ -113,6 +113,7 @@ ALLOWED = {
     "evaluation": {"data", "model", "inference"},
     "training": {"data", "model", "inference", "evaluation"},
     "export": {"data", "model", "inference"},
+    "serve": {"data", "model", "inference"},
 }
 EXCEPTIONS = {("loratune.data.doctor", "model")}  # the doctor command loads the tokenizer it checks the data with
 
