@@ -74,7 +74,12 @@ def _train(argv: list[str]) -> int:
         config = config or _resumed_config(Path(args.resume))
     cfg = load_config(config, overrides)
     with phases("import"):
+        from .plan.estimate import check_fits
         from .training.recipe import train
+
+    if os.environ.get("RANK", "0") == "0":
+        with phases("estimate"):
+            check_fits(cfg)
 
     # The user's own config file is protected from --overwrite; a resumed run's config.yaml is the run's.
     run_dir, final = train(cfg, overwrite=args.overwrite, resume=True if args.resume else None,
@@ -252,6 +257,28 @@ def _serve(argv: list[str]) -> int:
                  trust_remote_code=args.trust_remote_code, base=args.base)
 
 
+def _estimate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loratune estimate", usage="loratune estimate [CONFIG] [--memory SIZE] [--probe [STEPS]] [--KEY=VALUE ...]",
+        description="Parameters, memory per GPU (weights, gradients, optimizer, activations), steps and, with --probe, "
+                    "time of a training run, from the model's config alone: no weight is loaded (except by --probe).")
+    parser.add_argument("--memory", help="also say the largest micro-batch that fits this much, e.g. 24GiB")
+    parser.add_argument("--probe", nargs="?", type=int, const=20, default=0, metavar="STEPS",
+                        help="train STEPS real steps (default 20) in a scratch folder to estimate the run's time")
+    parser.add_argument("--no-data", action="store_true", help="skip reading the data (no step count)")
+    config, rest = _config_argument(argv)
+    args, rest = parser.parse_known_args(rest)
+    cfg = load_config(config, parse_overrides(rest))
+    with phases("import"):
+        from .plan.estimate import parse_memory, run_estimate
+
+    memory = parse_memory(args.memory) if args.memory else None
+    if args.probe < 0:
+        parser.error("--probe: give a number of steps, 1 or more")
+    print(run_estimate(cfg, memory, args.probe, read_data=not args.no_data))
+    return 0
+
+
 def _push(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune push", description="Upload a run (adapter, tokenizer, model card, "
                                      "config) to a Hugging Face hub repository, through huggingface_hub.")
@@ -303,7 +330,8 @@ def _prepare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push, "serve": _serve}
+            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push, "serve": _serve,
+            "estimate": _estimate}
 
 
 TIMED = ("train", "eval", "generate", "merge", "chat")

@@ -141,9 +141,7 @@ def dequantized_gguf(gguf: Path, cache_dir: Path) -> Path:
     dtype a run then asks for. The key covers the file's path, size and mtime and the transformers version (its
     GGUF conversion may change); the folder appears whole or not at all, so an interrupted first load leaves nothing.
     """
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
-    target = cache_dir / f"{gguf.stem}-{key.hexdigest()[:16]}"
+    target = gguf_copy(gguf, cache_dir)
     if (target / "config.json").is_file():
         return target
     try:  # before the slow conversion: a cache folder that can't be written fails at once
@@ -169,6 +167,13 @@ def dequantized_gguf(gguf: Path, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def gguf_copy(gguf: Path, cache_dir: Path) -> Path:
+    """Where dequantized_gguf keeps its copy of `gguf` (whether made yet or not)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    return cache_dir / f"{gguf.stem}-{key.hexdigest()[:16]}"
 
 
 def _drop_gguf_marker(model: PreTrainedModel) -> None:

@@ -1,0 +1,1 @@
+"""Planning a run before spending on it: estimates of memory and time, and sweeps over settings."""
