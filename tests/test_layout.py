@@ -114,6 +114,7 @@ ALLOWED = {
     "training": {"data", "model", "inference", "evaluation"},
     "export": {"data", "model", "inference"},
     "serve": {"data", "model", "inference"},
+    "plan": {"data", "model", "inference", "evaluation", "training"},
 }
 EXCEPTIONS = {("loratune.data.doctor", "model")}  # the doctor command loads the tokenizer it checks the data with
 
