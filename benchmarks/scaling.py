@@ -30,13 +30,13 @@ MODES = [("ddp", "off"), ("ddp", "on"), ("fsdp", "off")]  # (train.parallel, tra
 
 
 def write_config(model_dir: Path, data: Path, out: Path, shape: str, world: int, parallel: str, compile_: str,
-                 steps: int) -> Path:
-    cfg = {"model": {"name": str(model_dir), "dtype": "bfloat16"},
+                 steps: int, method: str = "lora", **train_kw) -> Path:
+    cfg = {"method": method, "model": {"name": str(model_dir), "dtype": "bfloat16"},
            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS[shape]},
            "data": {"datasets": [{"path": str(data), "format": "text"}], "max_length": 1024, "cache_dir": None,
                     "max_samples_per_dataset": None},
            "train": {"batch_size": 16, "grad_accum": world, "max_steps": steps, "lr": 2e-4, "report_to": [],
-                     "parallel": parallel, "compile": compile_, "log_every": 10, "save_every_minutes": 0},
+                     "parallel": parallel, "compile": compile_, "log_every": 10, "save_every_minutes": 0, **train_kw},
            "output_dir": str(out)}
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(cfg))
@@ -44,8 +44,8 @@ def write_config(model_dir: Path, data: Path, out: Path, shape: str, world: int,
 
 
 def run(model_dir: Path, data: Path, out: Path, shape: str, nproc: int, world: int, parallel: str, compile_: str,
-        steps: int) -> dict:
-    config = write_config(model_dir, data, out, shape, world, parallel, compile_, steps)
+        steps: int, method: str = "lora") -> dict:
+    config = write_config(model_dir, data, out, shape, world, parallel, compile_, steps, method)
     cmd = [sys.executable, "-m", "loratune", "train", str(config)] + (["--nproc", str(nproc)] if nproc > 1 else [])
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--two-nodes", action="store_true", help="also: 2 nodes x 1 GPU on this host, DDP, vs 1 GPU")
     parser.add_argument("--modes", nargs="+", default=[f"{p}:{c}" for p, c in MODES],
                         help="parallel:compile pairs to run (default: all)")
+    parser.add_argument("--method", default="lora", choices=["lora", "full"])
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,11 +101,11 @@ def main() -> None:
             for parallel, compile_ in (mode.split(":") for mode in args.modes):
                 if compile_ not in singles:  # one process: the parallel mode does not apply
                     singles[compile_] = run(model_dir, data, tmp / f"{shape}-1-{compile_}", shape, 1, args.nproc,
-                                            parallel, compile_, args.steps)
+                                            parallel, compile_, args.steps, args.method)
                 many = run(model_dir, data, tmp / f"{shape}-{args.nproc}-{parallel}-{compile_}", shape, args.nproc,
-                           args.nproc, parallel, compile_, args.steps)
+                           args.nproc, parallel, compile_, args.steps, args.method)
                 one = singles[compile_]
-                key = f"{shape} {parallel} compile={compile_}"
+                key = f"{shape} {args.method} {parallel} compile={compile_}"
                 if "error" in one or "error" in many:
                     results[key] = {"error": one.get("error") or many.get("error")}
                     print(key, "ERROR", results[key]["error"][-600:], flush=True)

@@ -31,7 +31,7 @@ from loratune.config import Config, DataConfig, DatasetConfig, LoraConfig, Model
 from loratune.model.shapes import byte_tokenizer, model_config  # noqa: E402
 from loratune.training.recipe import train  # noqa: E402
 
-TARGETS = {"gpt2": ["c_attn", "c_proj"], "gpt2-medium": ["c_attn", "c_proj"],
+TARGETS = {"gpt2": ["c_attn", "c_proj"], "gpt2-medium": ["c_attn", "c_proj"], "gpt2-large": ["c_attn", "c_proj"],
            "smollm2-135m": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 PEAK_FLOPS = 989e12
 

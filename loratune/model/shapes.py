@@ -25,7 +25,7 @@ def byte_tokenizer(chatml: bool) -> PreTrainedTokenizerFast:
 
 
 def model_config(shape: str, vocab_size: int | None = None) -> PretrainedConfig:
-    """`tiny-gpt2`, `tiny-gpt_neox`, `tiny-llama` (2 layers, hidden 64), or the real `gpt2`, `gpt2-medium`, `smollm2-135m`."""
+    """`tiny-gpt2`, `tiny-gpt_neox`, `tiny-llama` (2 layers, hidden 64), or the real `gpt2`, `gpt2-medium`, `gpt2-large`, `smollm2-135m`."""
     if shape == "tiny-gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                           bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
@@ -40,6 +40,8 @@ def model_config(shape: str, vocab_size: int | None = None) -> PretrainedConfig:
         return GPT2Config()
     if shape == "gpt2-medium":
         return GPT2Config(n_embd=1024, n_layer=24, n_head=16)
+    if shape == "gpt2-large":
+        return GPT2Config(n_embd=1280, n_layer=36, n_head=20)
     if shape == "smollm2-135m":  # HuggingFaceTB/SmolLM2-135M's config.json
         return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

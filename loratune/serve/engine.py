@@ -138,11 +138,12 @@ class Engine:
     def _forward(self, rows: list[Sequence], **inputs) -> tuple[torch.Tensor, object]:
         """Next-token logits (rows, vocab), each row through its own adapter, and the KV cache."""
         names = [s.adapter for s in rows]
-        if self.mixed:
+        mixed = self.mixed and len(set(names)) > 1  # one model in the batch: no per-row routing hooks to pay for
+        if mixed:
             inputs["adapter_names"] = names
         elif self.peft and names[0] != BASE:
             self.model.set_adapter(names[0])
-        context = self.model.disable_adapter() if self.peft and not self.mixed and names[0] == BASE else \
+        context = self.model.disable_adapter() if self.peft and not mixed and names[0] == BASE else \
             contextlib.nullcontext()
         with context:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
