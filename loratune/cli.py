@@ -234,6 +234,29 @@ def _push(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune export", description="Write the merged model (or with --lora-only "
+                                     "the adapter alone) as a GGUF file for llama.cpp, Ollama, LM Studio, llm.")
+    parser.add_argument("run_dir")
+    parser.add_argument("out", metavar="OUT.gguf")
+    parser.add_argument("--type", default="f16", choices=["f16", "q8_0", "f32"],
+                        help="weights of the file (norms and biases stay f32); --lora-only: f16 or f32")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="the adapter alone, for llama.cpp's --lora on the base model's GGUF file")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if loratune exported it earlier")
+    _trust_flag(parser)
+    args = parser.parse_args(argv)
+    with phases("import"):
+        from .export.gguf import export
+        from .export.gguf_lora import export_lora
+
+    write = export_lora if args.lora_only else export
+    out = write(args.run_dir, args.out, args.type, args.overwrite, args.trust_remote_code, args.base)
+    hint = "llama-cli -m BASE.gguf --lora " + str(out) if args.lora_only else "llama-cli -m " + str(out)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it with: {hint}")
+    return 0
+
+
 def _report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune report", description="Write RUN_DIR/report.html: curves, metrics, samples.")
     parser.add_argument("run_dir")
@@ -272,10 +295,11 @@ def _prepare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push}
+            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push,
+            "export": _export}
 
 
-TIMED = ("train", "eval", "generate", "merge", "chat")
+TIMED = ("train", "eval", "generate", "merge", "chat", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
