@@ -247,12 +247,16 @@ def _export(argv: list[str]) -> int:
     _trust_flag(parser)
     args = parser.parse_args(argv)
     with phases("import"):
-        from .export.gguf import export
+        from .export.gguf import export, gguf_source
         from .export.gguf_lora import export_lora
+        from .runs import load_run_config
 
     write = export_lora if args.lora_only else export
     out = write(args.run_dir, args.out, args.type, args.overwrite, args.trust_remote_code, args.base)
-    hint = "llama-cli -m BASE.gguf --lora " + str(out) if args.lora_only else "llama-cli -m " + str(out)
+    hint = f"llama-cli -m {out}"
+    if args.lora_only:
+        base_file = gguf_source(load_run_config(args.run_dir, base=args.base))
+        hint = f"llama-cli -m {base_file or 'BASE.gguf (the base converted by llama.cpp convert_hf_to_gguf.py)'} --lora {out}"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it with: {hint}")
     return 0
 

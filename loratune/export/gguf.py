@@ -175,28 +175,32 @@ def export(run_dir: str | Path, out: str | Path, qtype: str = "f16", overwrite: 
     from ..inference.load import load
 
     p = plan(run_dir, out, qtype, False, overwrite, trust_remote_code, base)
-
     with phases("model"):
         model, tok = load(p.run_dir, device="cpu", merge_adapter=True, trust_remote_code=trust_remote_code, base=base)
     with phases("export"):
-        tensors = list(tqdm(gguf_tensors(model.state_dict(), p), desc="tensors", unit=" tensor",
-                            total=len(model.state_dict())))
+        return write_model(p, model, tok)
 
-        def fill(path: str) -> gguf.GGUFWriter:
-            writer = new_writer(path, p, gguf.GGUFType.MODEL)
-            add_hparams(writer, p.hf_config, model.config.vocab_size)
-            writer.add_file_type(TYPES[p.qtype][1])
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            if p.source_gguf is not None:
-                copy_metadata(writer, p.source_gguf, tok.chat_template)
-            else:
-                writer.add_name(p.run_dir.resolve().name)
-                add_tokenizer(writer, tok, model.config.vocab_size)
-            for name, data, raw in tensors:
-                writer.add_tensor(name, data, raw_dtype=raw)
-            return writer
 
-        return write_atomic(p.out, fill)
+def write_model(p: Plan, model: torch.nn.Module, tok) -> Path:
+    """`model` (a plain transformers model: merged, or a base) and its tokenizer as a GGUF model file at p.out."""
+    state = model.state_dict()
+    tensors = list(tqdm(gguf_tensors(state, p), desc="tensors", unit=" tensor", total=len(state)))
+
+    def fill(path: str) -> gguf.GGUFWriter:
+        writer = new_writer(path, p, gguf.GGUFType.MODEL)
+        add_hparams(writer, p.hf_config, model.config.vocab_size)
+        writer.add_file_type(TYPES[p.qtype][1])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if p.source_gguf is not None:
+            copy_metadata(writer, p.source_gguf, tok.chat_template)
+        else:
+            writer.add_name(p.run_dir.resolve().name)
+            add_tokenizer(writer, tok, model.config.vocab_size)
+        for name, data, raw in tensors:
+            writer.add_tensor(name, data, raw_dtype=raw)
+        return writer
+
+    return write_atomic(p.out, fill)
 
 
 def gguf_tensors(state: dict[str, torch.Tensor], p: Plan) -> Iterator[tuple[str, np.ndarray, object]]:
