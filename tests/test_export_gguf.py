@@ -8,6 +8,7 @@ tokenizer has none) and are trained for 20 steps, so that the adapter changes th
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -221,10 +222,73 @@ def test_a_tokenizer_llama_cpp_cannot_run_fails_and_leaves_nothing(tiny_run, tmp
 
 
 def test_lora_only_refuses_what_llama_cpp_lora_cannot_express(llama_run, tmp_path):
-    import json
     import shutil
 
     dora = shutil.copytree(llama_run, tmp_path / "dora", ignore=shutil.ignore_patterns("checkpoint*"))
     saved = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**saved, "use_dora": True}))
     check_bad(["export", "dora", "out.gguf", "--lora-only"], tmp_path, "use_dora", "leave out --lora-only")
+
+
+# --- the embedded model (a GGUF base): its own file's tokenizer and metadata are kept ---------------------------
+
+@pytest.mark.slow
+def test_embedded_model_export_keeps_its_source_and_matches(tmp_path):
+    """A PEFT adapter (seeded, not trained: its B matrices are random and small) on the embedded SmolLM2, with a
+    tokenizer of its own whose chat template differs: the export keeps the source GGUF's tokenizer and general
+    fields, takes the adapter's template, and transformers and llama.cpp read it back as the merged model."""
+    import gguf
+    from peft import LoraConfig, get_peft_model
+
+    from loratune.config import ModelConfig
+    from loratune.model.load import CHATML_TEMPLATE, embedded_gguf, load_tokenizer
+
+    adapter = tmp_path / "adapter"
+    model_cfg = ModelConfig(name="smollm2-135m-instruct")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_base_model(model_cfg, torch.device("cpu")), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    peft_model.save_pretrained(adapter)
+    saved = json.loads((adapter / "adapter_config.json").read_text())  # peft wrote the dequantized copy's path
+    (adapter / "adapter_config.json").write_text(json.dumps({**saved, "base_model_name_or_path": model_cfg.name}))
+    tok = load_tokenizer(model_cfg)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(adapter)
+
+    export(adapter, tmp_path / "f16.gguf", "f16")
+    export(adapter, tmp_path / "q8.gguf", "q8_0")
+    got, source = gguf.GGUFReader(tmp_path / "f16.gguf").fields, gguf.GGUFReader(embedded_gguf(model_cfg.name)).fields
+    for key in ("general.name", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token"):
+        assert got[key].contents() == source[key].contents(), key
+    assert got["tokenizer.chat_template"].contents() == CHATML_TEMPLATE != source["tokenizer.chat_template"].contents()
+
+    merged, tok = load(adapter, device="cpu", merge_adapter=True)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False), add_special_tokens=False)["input_ids"]
+               for q in ("What is the capital of France?", "What is the capital of Japan?")]
+    want = [greedy(merged, ids) for ids in prompts]
+    f16 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f16.gguf", dtype=torch.float32).eval()
+    for ids in prompts:  # logits reach about 40 here: f16 weights through 30 layers move them by about 0.05
+        assert (logits(f16, ids) - logits(merged, ids)).abs().max() < 0.2
+    del f16
+    # q8_0 moves these logits by up to about 3: questions with one clear answer keep their greedy tokens, an open
+    # one ("Write a haiku about the sea.") was seen to flip a near-tie at its second token
+    q8 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q8.gguf", dtype=torch.float32).eval()
+    assert [greedy(q8, ids) for ids in prompts] == want
+    del q8
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    llm = cpp_model(tmp_path / "f16.gguf")
+    try:
+        assert [cpp_greedy(llm, ids) for ids in prompts] == want
+        assert np.abs(cpp_logits(llm, prompts[0]) - logits(merged, prompts[0]).numpy()).max() < 0.2
+    finally:
+        llm.close()
