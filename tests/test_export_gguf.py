@@ -292,3 +292,26 @@ def test_embedded_model_export_keeps_its_source_and_matches(tmp_path):
         assert np.abs(cpp_logits(llm, prompts[0]) - logits(merged, prompts[0]).numpy()).max() < 0.2
     finally:
         llm.close()
+
+
+def test_llama_cpp_lora_file_with_rslora_and_a_rank_pattern(llama_run, tmp_path):
+    """rsLoRA scales by alpha/sqrt(r) and a rank pattern gives modules other ranks; llama.cpp scales every pair by
+    alpha/rank, so the export folds the difference into B: the file on the base must still equal the merged model."""
+    pytest.importorskip("llama_cpp")
+    cfg = loratune.load_config(llama_run / "config.yaml")
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"), train=dataclasses.replace(cfg.train, max_steps=10),
+                              lora=dataclasses.replace(cfg.lora, use_rslora=True, rank_pattern={"q_proj": 2}))
+    run_dir, _ = loratune.train(cfg)
+    _, tok = load(run_dir, device="cpu")
+    write_model(dataclasses.replace(plan(run_dir, tmp_path / "base.gguf", "f32"), out=tmp_path / "base.gguf"),
+                load_base_model(cfg.model, torch.device("cpu")), tok)
+    export(run_dir, tmp_path / "merged.gguf", "f32")
+    export_lora(run_dir, tmp_path / "lora.gguf", "f32")
+    llms = [cpp_model(tmp_path / "merged.gguf"), cpp_model(tmp_path / "base.gguf", lora=tmp_path / "lora.gguf")]
+    try:
+        for ids in prompt_ids(tok):
+            merged, with_lora = (cpp_logits(llm, ids) for llm in llms)
+            assert np.abs(with_lora - merged).max() < 2e-3
+    finally:
+        for llm in llms:
+            llm.close()
