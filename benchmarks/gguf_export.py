@@ -23,15 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loratune.config import load_config  # noqa: E402
-from loratune.data.demo import demo_splits  # noqa: E402
+from loratune.config import load_config
+from loratune.data.demo import demo_splits
 
 
 def command(argv: list[str]) -> float:
     """Run `loratune ARGV` in a new process; its wall time in seconds."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "loratune", *argv], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "loratune", *argv], capture_output=True, text=True, env=env,
+                          check=False)
     if proc.returncode:
         raise SystemExit(f"loratune {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -105,7 +106,8 @@ def main() -> None:
               f"{r['prompts_tokenized_differently']} |")
     for r in rows:
         for d in r["differing"]:
-            print(f"  {r['type']} differs on {d['question']!r}: loratune {d['loratune']!r} / llama.cpp {d['llama_cpp']!r}")
+            print(f"  {r['type']} differs on {d['question']!r}: loratune {d['loratune']!r} / "
+                  f"llama.cpp {d['llama_cpp']!r}")
     if args.out:
         Path(args.out).write_text(json.dumps({"run_dir": str(run_dir), "generate_s": gen_s, "rows": rows}, indent=1))
 

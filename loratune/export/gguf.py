@@ -12,8 +12,8 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import gguf
 import numpy as np
@@ -54,7 +54,7 @@ class Plan:
     """The run's config."""
     hf_config: object
     """The base model's transformers config (architecture and shapes)."""
-    source_gguf: Optional[Path]
+    source_gguf: Path | None
     """The GGUF file the base came from, whose tokenizer and general metadata the export keeps; None otherwise."""
 
 
@@ -65,8 +65,9 @@ def plan(run_dir: str | Path, out: str | Path, qtype: str = "f16", lora_only: bo
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: the output file name must end in .gguf")
     if qtype not in TYPES or (lora_only and qtype == "q8_0"):
-        choices = "f32, f16" if lora_only else ", ".join(TYPES)
-        raise ValueError(f"--type {qtype}: use {choices}{' (a LoRA file is small; q8_0 does not fit its rank-sized rows)' if lora_only and qtype == 'q8_0' else ''}")
+        why = " (with --lora-only: a LoRA file is small, and q8_0 blocks don't fit its rank-sized rows)"
+        raise ValueError(f"--type {qtype}: use {'f32, f16' if lora_only else ', '.join(TYPES)}"
+                         f"{why if lora_only and qtype in TYPES else ''}")
     check_target(out, overwrite)
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, trust_remote_code, base)
@@ -109,14 +110,15 @@ def _fields(path: Path) -> dict:
         return {}
 
 
-def gguf_source(cfg: Config) -> Optional[Path]:
-    name = cfg.model.name
-    if name in EMBEDDED_ALIASES or name.endswith(".gguf"):
-        return Path(resolve_source(name)[0]) / resolve_source(name)[1]["gguf_file"]
-    return None
+def gguf_source(cfg: Config) -> Path | None:
+    """The GGUF file the run's base is read from (the embedded default, or a .gguf path), else None."""
+    if not (cfg.model.name in EMBEDDED_ALIASES or cfg.model.name.endswith(".gguf")):
+        return None
+    folder, kwargs = resolve_source(cfg.model.name)  # without a cache folder: the GGUF file itself
+    return Path(folder) / kwargs["gguf_file"]
 
 
-def base_config(cfg: Config, source_gguf: Optional[Path]):
+def base_config(cfg: Config, source_gguf: Path | None):
     """The base's transformers config, read without loading weights (for a GGUF base: from its metadata)."""
     from transformers import AutoConfig
 
@@ -293,9 +295,9 @@ def copy_metadata(writer: gguf.GGUFWriter, source: Path, chat_template: str | No
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), kind, sub_type=sub)
-    source_template = fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE].contents() if gguf.Keys.Tokenizer.CHAT_TEMPLATE in fields else None
-    if chat_template or source_template:
-        writer.add_chat_template(chat_template or source_template)
+    template = fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    if chat_template or template:
+        writer.add_chat_template(chat_template or template.contents())
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tok, vocab_size: int) -> None:

@@ -30,8 +30,9 @@ def lora_pairs(p: Plan) -> tuple[float, dict[str, tuple]]:
     express it (DoRA's magnitudes, whole modules saved beside the adapter, per-module alphas)."""
     path = p.run_dir / "adapter_config.json"
     saved = json.loads(path.read_text())
-    refused = [(saved.get("use_dora"), "use_dora: DoRA"), (saved.get("modules_to_save"), "modules_to_save: whole modules"),
-               (saved.get("alpha_pattern"), "alpha_pattern: per-module alphas")]
+    refused = [(saved.get("use_dora"), "use_dora: DoRA"),
+               (saved.get("alpha_pattern"), "alpha_pattern: per-module alphas"),
+               (saved.get("modules_to_save"), "modules_to_save: whole modules")]
     for value, what in refused:
         if value:
             raise RunError(f"{path}: {what} can't be written as a llama.cpp LoRA file; export the merged model "
