@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: loratune {{{','.join(COMMANDS)}}} ...  (loratune COMMAND --help for details; loratune --version)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=os.environ.get("LORATUNE_LOG", "INFO"), format="%(message)s")
-    for name in ("transformers", "peft", "absl"):  # their info logs drown ours; warnings still show
+    for name in ("transformers", "peft", "absl", "gguf"):  # their info logs drown ours; warnings still show
         logging.getLogger(name).setLevel(logging.WARNING)
     phases.reset()
     phases.add("import", seconds_since_process_start())

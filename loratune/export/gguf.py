@@ -176,7 +176,8 @@ def export(run_dir: str | Path, out: str | Path, qtype: str = "f16", overwrite: 
     """Write the merged model (base + the run's adapter) as a GGUF file and return its path."""
     from ..inference.load import load
 
-    p = plan(run_dir, out, qtype, False, overwrite, trust_remote_code, base)
+    with phases("checks"):
+        p = plan(run_dir, out, qtype, False, overwrite, trust_remote_code, base)
     with phases("model"):
         model, tok = load(p.run_dir, device="cpu", merge_adapter=True, trust_remote_code=trust_remote_code, base=base)
     with phases("export"):

@@ -20,7 +20,8 @@ from .gguf import ARCHS, TYPES, Plan, new_writer, num_layers, plan, to_llama_cpp
 def export_lora(run_dir: str | Path, out: str | Path, qtype: str = "f16", overwrite: bool = False,
                 trust_remote_code: bool = False, base: str | None = None) -> Path:
     """Write the run's adapter alone as a GGUF LoRA file and return its path (no model loads: only its config)."""
-    p = plan(run_dir, out, qtype, True, overwrite, trust_remote_code, base)
+    with phases("checks"):
+        p = plan(run_dir, out, qtype, True, overwrite, trust_remote_code, base)
     with phases("export"):
         return write_lora(p)
 
