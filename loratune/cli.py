@@ -292,6 +292,33 @@ def _push(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loratune export", description="Write the merged model (or with --lora-only "
+                                     "the adapter alone) as a GGUF file for llama.cpp, Ollama, LM Studio, llm.")
+    parser.add_argument("run_dir")
+    parser.add_argument("out", metavar="OUT.gguf")
+    parser.add_argument("--type", default="f16", choices=["f16", "q8_0", "f32"],
+                        help="weights of the file (norms and biases stay f32); --lora-only: f16 or f32")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="the adapter alone, for llama.cpp's --lora on the base model's GGUF file")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if loratune exported it earlier")
+    _trust_flag(parser)
+    args = parser.parse_args(argv)
+    with phases("import"):
+        from .export.gguf import export, gguf_source
+        from .export.gguf_lora import export_lora
+        from .runs import load_run_config
+
+    write = export_lora if args.lora_only else export
+    out = write(args.run_dir, args.out, args.type, args.overwrite, args.trust_remote_code, args.base)
+    hint = f"llama-cli -m {out}"
+    if args.lora_only:
+        base_file = gguf_source(load_run_config(args.run_dir, base=args.base))
+        hint = f"llama-cli -m {base_file or 'BASE.gguf (the base converted by llama.cpp convert_hf_to_gguf.py)'} --lora {out}"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it with: {hint}")
+    return 0
+
+
 def _report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune report", description="Write RUN_DIR/report.html: curves, metrics, samples.")
     parser.add_argument("run_dir")
@@ -331,10 +358,10 @@ def _prepare(argv: list[str]) -> int:
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
             "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push, "serve": _serve,
-            "estimate": _estimate}
+            "estimate": _estimate, "export": _export}
 
 
-TIMED = ("train", "eval", "generate", "merge", "chat")
+TIMED = ("train", "eval", "generate", "merge", "chat", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: loratune {{{','.join(COMMANDS)}}} ...  (loratune COMMAND --help for details; loratune --version)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=os.environ.get("LORATUNE_LOG", "INFO"), format="%(message)s")
-    for name in ("transformers", "peft", "absl"):  # their info logs drown ours; warnings still show
+    for name in ("transformers", "peft", "absl", "gguf"):  # their info logs drown ours; warnings still show
         logging.getLogger(name).setLevel(logging.WARNING)
     phases.reset()
     phases.add("import", seconds_since_process_start())
