@@ -112,6 +112,7 @@ ALLOWED = {
     "inference": {"data", "model"},
     "evaluation": {"data", "model", "inference"},
     "training": {"data", "model", "inference", "evaluation"},
+    "plan": {"data", "model", "inference", "evaluation", "training"},
     "export": {"data", "model", "inference"},
 }
 EXCEPTIONS = {("loratune.data.doctor", "model")}  # the doctor command loads the tokenizer it checks the data with
