@@ -271,11 +271,64 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
+def _sweep(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loratune sweep", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="loratune sweep [CONFIG] (--grid KEY=V1,V2,... [...] | --search SPACE.yaml --trials N) [--dir DIR] "
+              "[--storage URL] [--join] [--KEY=VALUE ...]",
+        description="Train one run per trial over a grid or an Optuna search (TPE, median pruning), each an ordinary "
+                    "run directory in the sweep folder; resumable, and several workers may share one storage.",
+        epilog="SPACE.yaml maps dotted keys to {low: A, high: B} (log: true, step: N optional) or a list of values; "
+               "see loratune/plan/space.py.")
+    parser.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="every combination of these values")
+    parser.add_argument("--search", metavar="SPACE.yaml", help="search these ranges with Optuna's TPE sampler")
+    parser.add_argument("--trials", type=int, help="--search: trials in all, over every worker")
+    parser.add_argument("--dir", help="the sweep folder (default: the config's output_dir + '-sweep')")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///DIR/sweep.db); a database server "
+                                          "lets workers on several machines share the sweep")
+    parser.add_argument("--join", action="store_true", help="work on the sweep stored there, with its own settings")
+    parser.add_argument("--prune", choices=["on", "off"], help="stop a trial whose held-out loss is above the median "
+                                                               "of the others at the same step (default: on for "
+                                                               "--search, off for --grid)")
+    config, rest = _config_argument(argv)
+    args, rest = parser.parse_known_args(rest)
+    if not args.join and bool(args.grid) == bool(args.search):
+        parser.error("give --grid KEY=V1,V2,... or --search SPACE.yaml --trials N (or --join an existing sweep)")
+    if args.search and not args.join and (args.trials is None or args.trials < 1):
+        parser.error("--search needs --trials N (1 or more): how many trials to run in all")
+    if args.join and (args.grid or args.search or config or rest):
+        parser.error("--join works on the stored sweep as it is: give only --dir or --storage (and --prune)")
+    if args.join and not args.dir:
+        parser.error("--join needs the sweep's --dir (its trials' run directories are there)")
+    from .plan.space import base_config, parse_grid, parse_space
+
+    space = None
+    if not args.join:
+        base = base_config(config, parse_overrides(rest))
+        if not base["train"]["eval_every"]:
+            raise ConfigError("a sweep ranks trials by their held-out loss: set train.eval_every (e.g. "
+                              "--train.eval_every=25) and hold out data")
+        space = parse_grid(args.grid, base) if args.grid else parse_space(args.search, base, args.trials)
+    sweep_dir = Path(args.dir or f"{space.base['output_dir']}-sweep")
+    storage = args.storage or f"sqlite:///{sweep_dir.resolve() / 'sweep.db'}"
+    with phases("import"):
+        from .plan.sweep import run_sweep
+        from .plan.sweep_report import table, trial_rows, write_html
+
+    study, space = run_sweep(space, sweep_dir, storage, args.join, None if args.prune is None else args.prune == "on")
+    rows = trial_rows(study, sweep_dir)
+    text = table(rows)
+    print(text)
+    print(f"wrote {write_html(sweep_dir, rows, text)}")
+    return 0
+
+
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push}
+            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push,
+            "sweep": _sweep}
 
 
-TIMED = ("train", "eval", "generate", "merge", "chat")
+TIMED = ("train", "eval", "generate", "merge", "chat", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
