@@ -72,6 +72,8 @@ def parse_grid(items: list[str], base: dict) -> Space:
                 raise ConfigError(f"--grid {key}={text}: {value!r} is not one value; list values in a SPACE.yaml "
                                   "(loratune sweep --search) instead")
         params[key] = [_check(base, key, value, f"--grid {key}={text}") for value in values]
+        if len(set(map(repr, params[key]))) < len(values):
+            raise ConfigError(f"--grid {key}={text}: a value is given twice; list each once")
     if not params:
         raise ConfigError("--grid needs at least one KEY=V1,V2,...")
     return Space("grid", params, base, trials=len(list(itertools.product(*params.values()))))

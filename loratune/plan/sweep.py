@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +34,12 @@ def open_study(storage_url: str, space: Optional[Space], join: bool, seed: int):
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress
+    # Heartbeats with ask/tell (not study.optimize) are what a sweep needs: a trial outlives the worker that asked
+    # for it. Optuna warns about that, and that stale-trial recovery is experimental.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                         failed_trial_callback=RetryFailedTrialCallback(inherit_intermediate_values=True))
+                         heartbeat_stale_trial_callback=RetryFailedTrialCallback(inherit_intermediate_values=True))
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if join and STUDY not in names:
         raise ConfigError(f"--join: {storage_url} holds no sweep yet; start one without --join")
@@ -47,7 +52,7 @@ def open_study(storage_url: str, space: Optional[Space], join: bool, seed: int):
                           "new --dir for this one, or add --join to work on the stored one as it is")
     space = stored or space
     if space.kind == "grid":
-        sampler = optuna.samplers.GridSampler(space.params, seed=seed)
+        sampler = _ordered_grid(space.params)
     else:
         sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
@@ -56,6 +61,23 @@ def open_study(storage_url: str, space: Optional[Space], join: bool, seed: int):
     if stored is None:
         study.set_user_attr("space", dataclasses.asdict(space))
     return study, space
+
+
+def _ordered_grid(params: dict):
+    """Optuna's GridSampler, with the points in the order given (trial 0 is the first combination; GridSampler
+    shuffles them) and no study.stop() after a trial, which works only inside study.optimize: the sweep's loop
+    stops by counting what is left."""
+    from optuna.samplers import GridSampler
+
+    class OrderedGrid(GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    sampler = OrderedGrid(params)
+    position = {key: {repr(v): i for i, v in enumerate(values)} for key, values in params.items()}
+    sampler._all_grids.sort(key=lambda grid: [position[k][repr(dict(zip(sampler._param_names, grid))[k])]
+                                              for k in params])
+    return sampler
 
 
 def worker_id() -> str:
@@ -131,10 +153,16 @@ def run_name(number: int, settings: dict) -> str:
     return f"trial-{number:03d}-{text}"[:120]
 
 
+def stored(study, trial):
+    """The trial as the storage holds it (with the system attrs: grid point, retry history)."""
+    return study._storage.get_trial(trial._trial_id)
+
+
 def is_duplicate(study, trial) -> bool:
     """Two workers asking at the same moment for the last grid point can both get it: the later one skips it."""
-    grid_id = trial.system_attrs.get("grid_id")
-    lineage = set(trial.system_attrs.get("retry_history", []))
+    attrs = stored(study, trial).system_attrs
+    grid_id = attrs.get("grid_id")
+    lineage = set(attrs.get("retry_history", []))
     return grid_id is not None and any(t.number < trial.number and t.number not in lineage
                                        and t.system_attrs.get("grid_id") == grid_id for t in counted(study))
 
@@ -183,7 +211,7 @@ def run_trial(study, trial, space: Space, sweep_dir: Path, prune: bool) -> None:
     name = trial.user_attrs.get("run_dir") or run_name(trial.number, settings)  # a retry inherits the user attrs
     trial.set_user_attr("run_dir", name)
     trial.set_user_attr("worker", worker_id())
-    retried = trial.system_attrs.get("failed_trial")
+    retried = stored(study, trial).system_attrs.get("failed_trial")
     log.info("trial %d%s: %s -> %s", trial.number, f" (resumes trial {retried})" if retried is not None else "",
              ", ".join(f"{k}={short(v)}" for k, v in settings.items()), sweep_dir / name)
 
