@@ -27,11 +27,11 @@ HEARTBEAT_S = 10  # a worker on another machine counts as gone after GRACE_S wit
 GRACE_S = 60
 
 
-def open_study(storage_url: str, space: Optional[Space], join: bool, seed: int):
+def open_study(storage_url: str, space: Optional[Space], join: bool):
     """The sweep's study: created with `space`, continued when it already holds the same sweep, or (join) taken as
     it is. Returns (study, space)."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress
     # Heartbeats with ask/tell (not study.optimize) are what a sweep needs: a trial outlives the worker that asked
@@ -39,7 +39,7 @@ def open_study(storage_url: str, space: Optional[Space], join: bool, seed: int):
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                         heartbeat_stale_trial_callback=RetryFailedTrialCallback(inherit_intermediate_values=True))
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if join and STUDY not in names:
         raise ConfigError(f"--join: {storage_url} holds no sweep yet; start one without --join")
@@ -54,7 +54,7 @@ def open_study(storage_url: str, space: Optional[Space], join: bool, seed: int):
     if space.kind == "grid":
         sampler = _ordered_grid(space.params)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed)
+        sampler = optuna.samplers.TPESampler(seed=space.base["train"]["seed"])  # every worker draws alike
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="minimize", load_if_exists=True)
@@ -167,14 +167,13 @@ def is_duplicate(study, trial) -> bool:
                                        and t.system_attrs.get("grid_id") == grid_id for t in counted(study))
 
 
-def run_sweep(space: Optional[Space], sweep_dir: Path, storage_url: str, join: bool, prune: Optional[bool],
-              seed: int = 0):
+def run_sweep(space: Optional[Space], sweep_dir: Path, storage_url: str, join: bool, prune: Optional[bool]):
     """Work on the sweep until no trial is left to start; returns (study, space). Ctrl-C or a kill leaves the
     trial in hand RUNNING: the next worker resumes it from its checkpoint."""
     from tqdm.auto import tqdm
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    study, space = open_study(storage_url, space, join, seed)
+    study, space = open_study(storage_url, space, join)
     prune = space.kind == "search" if prune is None else prune
     bar = tqdm(total=space.trials, initial=space.trials - left(study, space), desc="sweep", unit="trial",
                dynamic_ncols=True)
