@@ -102,7 +102,8 @@ def parse_space(path: str | Path, base: dict, trials: int) -> Space:
     for key, spec in raw.items():
         where = f"{path}:{lines.get(str(key), '?')}"
         if isinstance(spec, dict) and not {"low", "high"} & set(spec):
-            raise ConfigError(f"{where}: '{key}' is a section; write dotted keys, e.g. `{key}.{next(iter(spec), 'lr')}: "
+            first = next(iter(spec), "lr")
+            raise ConfigError(f"{where}: '{key}' is a section; write dotted keys, e.g. `{key}.{first}: "
                               "{low: ..., high: ...}`")
         spec = _range(str(key), spec, where)
         checked = [_check(base, str(key), value, where) for value in _probes(spec)]

@@ -38,8 +38,9 @@ def open_study(storage_url: str, space: Optional[Space], join: bool):
     # for it. Optuna warns about that, and that stale-trial recovery is experimental.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)  # same settings, same run dir
     storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+                         heartbeat_stale_trial_callback=retry)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if join and STUDY not in names:
         raise ConfigError(f"--join: {storage_url} holds no sweep yet; start one without --join")

@@ -73,8 +73,9 @@ def table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     best = best_row(rows)
-    lines.append(f"best: trial {best['trial']} ({' '.join(f'{k}={v}' for k, v in best['settings'].items())}), "
-                 f"eval_loss {best['best_loss']:.4f}, run {best['run_dir']}" if best else "best: no trial completed yet")
+    settings = " ".join(f"{k}={v}" for k, v in best["settings"].items()) if best else ""
+    lines.append(f"best: trial {best['trial']} ({settings}), eval_loss {best['best_loss']:.4f}, run {best['run_dir']}"
+                 if best else "best: no trial completed yet")
     for r in rows:
         if r["error"]:
             lines.append(f"trial {r['trial']} failed: {r['error']}")
