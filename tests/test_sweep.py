@@ -181,3 +181,17 @@ def test_table_and_html_hold_the_trials_real_numbers(config_file, tmp_path):
     best = min(trials(sweep_dir), key=lambda t: t.value)
     assert f"best: trial {best.number} " in done.stdout
     assert "time: " in done.stderr
+
+
+def test_a_different_sweep_in_the_same_folder_or_a_join_to_nothing_is_refused(config_file, tmp_path):
+    from loratune.plan.sweep import open_study
+
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    open_study(f"sqlite:///{sweep_dir / 'sweep.db'}", parse_grid(["lora.r=2,4"], base_config(str(config_file), [])),
+               join=False)
+    code, out = run_cli(["sweep", str(config_file), "--grid", "lora.r=8,16", "--dir", str(sweep_dir)], tmp_path)
+    assert code == 1 and "already holds a different sweep" in out and "--join" in out
+    code, out = run_cli(["sweep", "--join", "--dir", str(tmp_path / "nothing")], tmp_path)
+    assert code == 1 and "there is no sweep in" in out and not (tmp_path / "nothing").exists()
+    assert not list(sweep_dir.glob("trial-*"))

@@ -173,6 +173,9 @@ def run_sweep(space: Optional[Space], sweep_dir: Path, storage_url: str, join: b
     trial in hand RUNNING: the next worker resumes it from its checkpoint."""
     from tqdm.auto import tqdm
 
+    if join and storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--join: there is no sweep in {sweep_dir} (no {storage_url.removeprefix('sqlite:///')}); "
+                          "start one without --join")  # before SQLite creates an empty database there
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study, space = open_study(storage_url, space, join)
     prune = space.kind == "search" if prune is None else prune
