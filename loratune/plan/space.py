@@ -87,7 +87,7 @@ def _check(base: dict, key: str, value: Any, where: str) -> Any:
     try:
         cfg = load_config(copy.deepcopy(base), [(key, value)])
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {str(e).removeprefix('config: ')}") from None
     return next(values(cfg, key))[1]
 
 
