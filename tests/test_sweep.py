@@ -195,3 +195,21 @@ def test_a_different_sweep_in_the_same_folder_or_a_join_to_nothing_is_refused(co
     code, out = run_cli(["sweep", "--join", "--dir", str(tmp_path / "nothing")], tmp_path)
     assert code == 1 and "there is no sweep in" in out and not (tmp_path / "nothing").exists()
     assert not list(sweep_dir.glob("trial-*"))
+
+
+def test_search_draws_within_the_ranges_and_a_rerun_adds_only_the_missing_trials(config_file, tmp_path):
+    sweep_dir = tmp_path / "sw"
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\nlora.r: {low: 1, high: 8}\n")
+    args = [str(config_file), "--search", str(space), "--dir", str(sweep_dir), "--prune", "off", "--train.max_steps=2"]
+    first = sweep([*args, "--trials", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    more = sweep([*args, "--trials", "3"], tmp_path)  # the same sweep, one trial more
+    assert more.returncode == 0, more.stderr
+    done = trials(sweep_dir)
+    assert [t.state.name for t in done] == ["COMPLETE"] * 3
+    assert all(1e-3 <= t.params["train.lr"] <= 3e-2 and 1 <= t.params["lora.r"] <= 8 for t in done)
+    assert len({t.params["train.lr"] for t in done}) == 3  # the rerun drew anew, not trial 0's values again
+    assert isinstance(done[0].params["lora.r"], int)
+    cfg = yaml.safe_load((sweep_dir / done[2].user_attrs["run_dir"] / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == done[2].params["train.lr"] and cfg["lora"]["r"] == done[2].params["lora.r"]

@@ -44,23 +44,26 @@ def open_study(storage_url: str, space: Optional[Space], join: bool):
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if join and STUDY not in names:
         raise ConfigError(f"--join: {storage_url} holds no sweep yet; start one without --join")
-    stored = None
+    stored, n_trials = None, 0
     if STUDY in names:
-        attrs = optuna.load_study(study_name=STUDY, storage=storage).user_attrs
-        stored = Space(**attrs["space"])
-    if stored and space and not join and dataclasses.asdict(stored) != dataclasses.asdict(space):
+        loaded = optuna.load_study(study_name=STUDY, storage=storage)
+        stored, n_trials = Space(**loaded.user_attrs["space"]), len(loaded.trials)
+    if stored and space and not join and (stored.kind, stored.params, stored.base) != (space.kind, space.params,
+                                                                                      space.base):
         raise ConfigError(f"{storage_url} already holds a different sweep (over {', '.join(stored.params)}); give a "
                           "new --dir for this one, or add --join to work on the stored one as it is")
-    space = stored or space
+    space = space or stored  # the same sweep with another --trials: the new count
     if space.kind == "grid":
         sampler = _ordered_grid(space.params)
     else:
-        sampler = optuna.samplers.TPESampler(seed=space.base["train"]["seed"])  # every worker draws alike
+        # A new sweep draws as train.seed says. A restarted or joining worker must not draw what the first one did
+        # (TPE's first trials are random): its seed moves with the trials stored, and a joining worker's pid.
+        seed = space.base["train"]["seed"] + n_trials + (os.getpid() if join else 0)
+        sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="minimize", load_if_exists=True)
-    if stored is None:
-        study.set_user_attr("space", dataclasses.asdict(space))
+    study.set_user_attr("space", dataclasses.asdict(space))
     return study, space
 
 
