@@ -149,9 +149,9 @@ def test_two_workers_on_one_sqlite_file_never_run_a_trial_twice(config_file, tmp
 
 def test_pruning_stops_a_clearly_bad_trial_and_leaves_a_valid_run(config_file, tmp_path):
     sweep_dir = tmp_path / "sw"
-    done = sweep([str(config_file), "--grid", "train.lr=3e-2,2e-2,1e-9", "--prune", "on", "--dir", str(sweep_dir)],
-                 tmp_path)
-    assert done.returncode == 0, done.stderr
+    code, out = run_cli(["sweep", str(config_file), "--grid", "train.lr=3e-2,2e-2,1e-9", "--prune", "on", "--dir",
+                         str(sweep_dir)], tmp_path)
+    assert code == 0, out
     states = [(t.params["train.lr"], t.state.name) for t in trials(sweep_dir)]
     assert states == [(3e-2, "COMPLETE"), (2e-2, "COMPLETE"), (1e-9, "PRUNED")]
     pruned = next(sweep_dir.glob("trial-002-*"))
@@ -162,8 +162,8 @@ def test_pruning_stops_a_clearly_bad_trial_and_leaves_a_valid_run(config_file, t
 
 def test_table_and_html_hold_the_trials_real_numbers(config_file, tmp_path):
     sweep_dir = tmp_path / "sw"
-    done = sweep([str(config_file), "--grid", "method=lora,full", "--dir", str(sweep_dir)], tmp_path)
-    assert done.returncode == 0, done.stderr
+    code, out = run_cli(["sweep", str(config_file), "--grid", "method=lora,full", "--dir", str(sweep_dir)], tmp_path)
+    assert code == 0, out
     page = (sweep_dir / "sweep.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     for t in trials(sweep_dir):
@@ -171,7 +171,7 @@ def test_table_and_html_hold_the_trials_real_numbers(config_file, tmp_path):
         final = json.loads((run / "final_metrics.json").read_text())
         best = min(e["eval_loss"] for e in json.loads((run / "eval_history.json").read_text()))
         assert t.value == pytest.approx(best)
-        row = next(line for line in done.stdout.splitlines() if line.startswith(f"{t.number} "))
+        row = next(line for line in out.splitlines() if line.startswith(f"{t.number} "))
         assert f"method={t.params['method']}" in row and f"{final['trainable_parameters']:,}" in row
         assert f"{best:.4f}" in row and "complete" in row
         assert f"{best:.4f}" in page
@@ -179,8 +179,8 @@ def test_table_and_html_hold_the_trials_real_numbers(config_file, tmp_path):
                   for i in (0, 1))
     assert lora["trainable_parameters"] < full["trainable_parameters"]
     best = min(trials(sweep_dir), key=lambda t: t.value)
-    assert f"best: trial {best.number} " in done.stdout
-    assert "time: " in done.stderr
+    assert f"best: trial {best.number} " in out
+    assert "time: " in out
 
 
 def test_a_different_sweep_in_the_same_folder_or_a_join_to_nothing_is_refused(config_file, tmp_path):
@@ -201,11 +201,10 @@ def test_search_draws_within_the_ranges_and_a_rerun_adds_only_the_missing_trials
     sweep_dir = tmp_path / "sw"
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\nlora.r: {low: 1, high: 8}\n")
-    args = [str(config_file), "--search", str(space), "--dir", str(sweep_dir), "--prune", "off", "--train.max_steps=2"]
-    first = sweep([*args, "--trials", "2"], tmp_path)
-    assert first.returncode == 0, first.stderr
-    more = sweep([*args, "--trials", "3"], tmp_path)  # the same sweep, one trial more
-    assert more.returncode == 0, more.stderr
+    args = ["sweep", str(config_file), "--search", str(space), "--dir", str(sweep_dir), "--prune", "off", "--train.max_steps=2"]
+    for n in (2, 3):  # then the same sweep, one trial more
+        code, out = run_cli([*args, "--trials", str(n)], tmp_path)
+        assert code == 0, out
     done = trials(sweep_dir)
     assert [t.state.name for t in done] == ["COMPLETE"] * 3
     assert all(1e-3 <= t.params["train.lr"] <= 3e-2 and 1 <= t.params["lora.r"] <= 8 for t in done)

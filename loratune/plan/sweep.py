@@ -132,8 +132,8 @@ def left(study, space: Space) -> int:
 
     trials = counted(study)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
-    if space.kind == "grid":  # GridSampler marks each trial with the grid point (grid_id) it took
-        held = {t.system_attrs.get("grid_id") for t in trials if t.state != TrialState.WAITING} - {None}
+    if space.kind == "grid":  # GridSampler marks each trial with the grid point (grid_id) it took; a retry keeps it
+        held = {t.system_attrs.get("grid_id") for t in trials} - {None}
         return waiting + space.trials - len(held)
     return waiting + max(space.trials - len(trials), 0)
 
@@ -182,8 +182,8 @@ def run_sweep(space: Optional[Space], sweep_dir: Path, storage_url: str, join: b
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study, space = open_study(storage_url, space, join)
     prune = space.kind == "search" if prune is None else prune
-    bar = tqdm(total=space.trials, initial=space.trials - left(study, space), desc="sweep", unit="trial",
-               dynamic_ncols=True)
+    finished = sum(t.state.is_finished() for t in counted(study))
+    bar = tqdm(total=space.trials, initial=finished, desc="sweep", unit="trial", dynamic_ncols=True)
     while True:
         recover(study)
         if left(study, space) <= 0:
