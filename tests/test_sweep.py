@@ -212,3 +212,22 @@ def test_search_draws_within_the_ranges_and_a_rerun_adds_only_the_missing_trials
     assert isinstance(done[0].params["lora.r"], int)
     cfg = yaml.safe_load((sweep_dir / done[2].user_attrs["run_dir"] / "config.yaml").read_text())
     assert cfg["train"]["lr"] == done[2].params["train.lr"] and cfg["lora"]["r"] == done[2].params["lora.r"]
+
+
+def test_train_on_eval_sees_each_eval_and_may_stop_the_run(tiny_gpt2_dir, tmp_path):
+    from loratune.training.recipe import train
+
+    cfg = tiny_config(tiny_gpt2_dir, write_jsonl(tmp_path / "qa.jsonl", QA), tmp_path / "run", max_steps=6,
+                      eval_every=2, report_to=[])
+    cfg.data.datasets[0].eval_fraction = 0.25
+    seen = []
+
+    def on_eval(step, metrics):
+        seen.append((step, metrics["eval_loss"]))
+        return "stopped by the caller" if step == 4 else None
+
+    run_dir, final = train(cfg, on_eval=on_eval)
+    history = json.loads((run_dir / "eval_history.json").read_text())
+    assert seen == [(e["step"], e["eval_loss"]) for e in history] and [s for s, _ in seen] == [2, 4]
+    assert final["stopped"] == "stopped by the caller" and final["steps"] == 4
+    assert (run_dir / "adapter_model.safetensors").is_file()
