@@ -76,7 +76,9 @@ def parse_grid(items: list[str], base: dict) -> Space:
             raise ConfigError(f"--grid {key}={text}: a value is given twice; list each once")
     if not params:
         raise ConfigError("--grid needs at least one KEY=V1,V2,...")
-    return Space("grid", params, base, trials=len(list(itertools.product(*params.values()))))
+    space = Space("grid", params, base)
+    space.trials = len(space.points())
+    return space
 
 
 def _check(base: dict, key: str, value: Any, where: str) -> Any:

@@ -54,7 +54,7 @@ def open_study(storage_url: str, space: Optional[Space], join: bool):
                           "new --dir for this one, or add --join to work on the stored one as it is")
     space = space or stored  # the same sweep with another --trials: the new count
     if space.kind == "grid":
-        sampler = _ordered_grid(space.params)
+        sampler = _ordered_grid(space)
     else:
         # A new sweep draws as train.seed says. A restarted or joining worker must not draw what the first one did
         # (TPE's first trials are random): its seed moves with the trials stored, and a joining worker's pid.
@@ -67,7 +67,7 @@ def open_study(storage_url: str, space: Optional[Space], join: bool):
     return study, space
 
 
-def _ordered_grid(params: dict):
+def _ordered_grid(space: Space):
     """Optuna's GridSampler, with the points in the order given (trial 0 is the first combination; GridSampler
     shuffles them) and no study.stop() after a trial, which works only inside study.optimize: the sweep's loop
     stops by counting what is left."""
@@ -77,10 +77,10 @@ def _ordered_grid(params: dict):
         def after_trial(self, study, trial, state, values) -> None:
             pass
 
-    sampler = OrderedGrid(params)
-    position = {key: {repr(v): i for i, v in enumerate(values)} for key, values in params.items()}
-    sampler._all_grids.sort(key=lambda grid: [position[k][repr(dict(zip(sampler._param_names, grid))[k])]
-                                              for k in params])
+    sampler = OrderedGrid(space.params)
+    # GridSampler's points are tuples of values by sorted key; put them in the order of Space.points().
+    order = {repr(tuple(point[k] for k in sorted(point))): i for i, point in enumerate(space.points())}
+    sampler._all_grids.sort(key=lambda grid: order[repr(tuple(grid))])
     return sampler
 
 
