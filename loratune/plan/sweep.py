@@ -98,6 +98,8 @@ def recover(study) -> None:
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
         who = t.user_attrs.get("worker", "")
+        if t.user_attrs.get("worker_trial") != t.number:  # a retry just taken: it holds its failed trial's worker
+            continue
         if who.rpartition(":")[0] == host and not _alive(int(who.rpartition(":")[2])):
             try:
                 if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
@@ -217,6 +219,7 @@ def run_trial(study, trial, space: Space, sweep_dir: Path, prune: bool) -> None:
     name = trial.user_attrs.get("run_dir") or run_name(trial.number, settings)  # a retry inherits the user attrs
     trial.set_user_attr("run_dir", name)
     trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("worker_trial", trial.number)
     retried = stored(study, trial).system_attrs.get("failed_trial")
     log.info("trial %d%s: %s -> %s", trial.number, f" (resumes trial {retried})" if retried is not None else "",
              ", ".join(f"{k}={short(v)}" for k, v in settings.items()), sweep_dir / name)
