@@ -201,7 +201,8 @@ def test_search_draws_within_the_ranges_and_a_rerun_adds_only_the_missing_trials
     sweep_dir = tmp_path / "sw"
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\nlora.r: {low: 1, high: 8}\n")
-    args = ["sweep", str(config_file), "--search", str(space), "--dir", str(sweep_dir), "--prune", "off", "--train.max_steps=2"]
+    args = ["sweep", str(config_file), "--search", str(space), "--dir", str(sweep_dir), "--prune", "off",
+            "--train.max_steps=2"]
     for n in (2, 3):  # then the same sweep, one trial more
         code, out = run_cli([*args, "--trials", str(n)], tmp_path)
         assert code == 0, out
