@@ -1,4 +1,5 @@
-"""The `loratune` command: train, eval, chat."""
+"""The `loratune` command: main() and the commands of a run itself (train, eval, chat, generate, merge, report, doctor,
+prepare); those around a run are in cli_tools.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 import typing
 from pathlib import Path
 
+from .cli_args import config_argument, trust_flag
+from .cli_tools import estimate, export, push, serve, sweep
 from .config import Config, ConfigError, field_docs, load_config, parse_overrides
 from .timing import phases, seconds_since_process_start
 
@@ -58,7 +61,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="train with N processes on this machine (one per GPU): the same as torchrun "
                              "--standalone --nproc_per_node N -m loratune train ...")
-    config_arg, argv_rest = _config_argument(argv)
+    config_arg, argv_rest = config_argument(argv)
     args, rest = parser.parse_known_args(argv_rest)
     args.config = config_arg
     if args.nproc < 1:
@@ -91,15 +94,6 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _config_argument(argv: list[str]) -> tuple[str | None, list[str]]:
-    """CONFIG is the first argument when it is not an option: `--lora.r 8` must not make 8 the config file."""
-    if not argv or argv[0].startswith("-"):
-        return None, argv
-    if "=" in argv[0] and not Path(argv[0]).exists():
-        raise ConfigError(f"{argv[0]}: no such config file; an override needs two dashes: --{argv[0]}")
-    return argv[0], argv[1:]
-
-
 def _resumed_config(run_dir: Path) -> Path:
     """--resume RUN_DIR without CONFIG: the run's own config.yaml, or an error that says what RUN_DIR is."""
     if not run_dir.is_dir():
@@ -108,15 +102,6 @@ def _resumed_config(run_dir: Path) -> Path:
         raise ConfigError(f"--resume {run_dir}: not a loratune run (no config.yaml there); pass the output_dir of an "
                           "earlier `loratune train`")
     return run_dir / "config.yaml"
-
-
-def _trust_flag(parser: argparse.ArgumentParser, with_template: bool = False) -> None:
-    parser.add_argument("--base", help="the base model for a PEFT adapter folder (default: its adapter_config.json)")
-    if with_template:
-        parser.add_argument("--template", help="prompt format: chatml, plain or a Jinja file (default: the run's own)")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="allow Python code shipped with the run or its base model to run (off: a run's own "
-                             "config can't turn it on)")
 
 
 def _is_nproc_arg(argv: list[str], i: int) -> bool:
@@ -135,7 +120,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--out", help="JSON results (default RUN_DIR/eval.json, or eval-FILE.json with --file)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=3, help="before/after examples to print")
-    _trust_flag(parser)
+    trust_flag(parser)
     args = parser.parse_args(argv)
     with phases("import"):
         from .evaluation.compare import evaluate
@@ -154,7 +139,7 @@ def _chat(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--device", default="auto")
-    _trust_flag(parser, with_template=True)
+    trust_flag(parser, with_template=True)
     args = parser.parse_args(argv)
     with phases("import"):
         from .inference.chat import chat_loop
@@ -183,7 +168,7 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--system", default=None, help="system prompt for chat prompts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file that holds other outputs")
-    _trust_flag(parser, with_template=True)
+    trust_flag(parser, with_template=True)
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch_size {args.batch_size}: give 1 or more, or leave it out to fit the free GPU memory")
@@ -217,105 +202,12 @@ def _merge(argv: list[str]) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights of the merged model (auto: the base's own dtype)")
-    _trust_flag(parser)
+    trust_flag(parser)
     args = parser.parse_args(argv)
     with phases("import"):
         from .inference.merge import merge
 
     print(f"merged model written to {merge(args.run_dir, args.out_dir, args.trust_remote_code, args.dtype, args.base)} (loads with AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
-def _serve(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="loratune serve", description="An OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, "
-        "/v1/completions) for one or more runs of one base model, each a model name, plus the base itself. Adapters "
-        "stay unmerged: requests for different runs share forward passes.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run or PEFT adapter folder, or NAME=RUN_DIR "
-                        "(default name: the folder's name)")
-    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("LORATUNE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every request (default: $LORATUNE_API_KEY)")
-    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most")
-    parser.add_argument("--max-queue", type=int, default=256,
-                        help="requests waiting at most; more are answered 503 with Retry-After")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="the largest max_tokens a request may ask for")
-    parser.add_argument("--device", default="auto")
-    _trust_flag(parser)
-    args = parser.parse_args(argv)
-    for flag in ("max_batch", "max_queue", "max_tokens"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be 1 or more")
-    if not 0 <= args.port < 65536:
-        parser.error(f"--port {args.port}: give a port from 0 to 65535")
-    with phases("import"):
-        from .serve.main import serve
-
-    return serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-                 max_queue=args.max_queue, max_tokens=args.max_tokens, device=args.device,
-                 trust_remote_code=args.trust_remote_code, base=args.base)
-
-
-def _estimate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="loratune estimate", usage="loratune estimate [CONFIG] [--memory SIZE] [--probe [STEPS]] [--KEY=VALUE ...]",
-        description="Parameters, memory per GPU (weights, gradients, optimizer, activations), steps and, with --probe, "
-                    "time of a training run, from the model's config alone: no weight is loaded (except by --probe).")
-    parser.add_argument("--memory", help="also say the largest micro-batch that fits this much, e.g. 24GiB")
-    parser.add_argument("--probe", nargs="?", type=int, const=20, default=0, metavar="STEPS",
-                        help="train STEPS real steps (default 20) in a scratch folder to estimate the run's time")
-    parser.add_argument("--no-data", action="store_true", help="skip reading the data (no step count)")
-    config, rest = _config_argument(argv)
-    args, rest = parser.parse_known_args(rest)
-    cfg = load_config(config, parse_overrides(rest))
-    with phases("import"):
-        from .plan.estimate import parse_memory, run_estimate
-
-    memory = parse_memory(args.memory) if args.memory else None
-    if args.probe < 0:
-        parser.error("--probe: give a number of steps, 1 or more")
-    print(run_estimate(cfg, memory, args.probe, read_data=not args.no_data))
-    return 0
-
-
-def _push(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loratune push", description="Upload a run (adapter, tokenizer, model card, "
-                                     "config) to a Hugging Face hub repository, through huggingface_hub.")
-    parser.add_argument("run_dir")
-    parser.add_argument("repo_id", help="user/name or org/name")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    args = parser.parse_args(argv)
-    from .export.push import push
-
-    print(f"pushed {args.run_dir} to {push(args.run_dir, args.repo_id, args.private)}")
-    return 0
-
-
-def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loratune export", description="Write the merged model (or with --lora-only "
-                                     "the adapter alone) as a GGUF file for llama.cpp, Ollama, LM Studio, llm.")
-    parser.add_argument("run_dir")
-    parser.add_argument("out", metavar="OUT.gguf")
-    parser.add_argument("--type", default="f16", choices=["f16", "q8_0", "f32"],
-                        help="weights of the file (norms and biases stay f32); --lora-only: f16 or f32")
-    parser.add_argument("--lora-only", action="store_true",
-                        help="the adapter alone, for llama.cpp's --lora on the base model's GGUF file")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if loratune exported it earlier")
-    _trust_flag(parser)
-    args = parser.parse_args(argv)
-    with phases("import"):
-        from .export.gguf import export, gguf_source
-        from .export.gguf_lora import export_lora
-        from .runs import load_run_config
-
-    write = export_lora if args.lora_only else export
-    out = write(args.run_dir, args.out, args.type, args.overwrite, args.trust_remote_code, args.base)
-    hint = f"llama-cli -m {out}"
-    if args.lora_only:
-        base_file = gguf_source(load_run_config(args.run_dir, base=args.base))
-        hint = f"llama-cli -m {base_file or 'BASE.gguf (the base converted by llama.cpp convert_hf_to_gguf.py)'} --lora {out}"
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it with: {hint}")
     return 0
 
 
@@ -334,7 +226,7 @@ def _doctor(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loratune doctor", usage="loratune doctor [CONFIG] [--KEY=VALUE ...]",
                                      description="Check a config's data before training (default config: the shipped "
                                                  "one).")
-    config, rest = _config_argument(argv)
+    config, rest = config_argument(argv)
     parser.parse_known_args(rest)  # --help
     from .data.doctor import doctor
 
@@ -357,11 +249,11 @@ def _prepare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "generate": _generate, "merge": _merge,
-            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": _push, "serve": _serve,
-            "estimate": _estimate, "export": _export}
+            "report": _report, "doctor": _doctor, "prepare": _prepare, "push": push, "serve": serve,
+            "estimate": estimate, "export": export, "sweep": sweep}
 
 
-TIMED = ("train", "eval", "generate", "merge", "chat", "export")
+TIMED = ("train", "eval", "generate", "merge", "chat", "export", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:

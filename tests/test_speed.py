@@ -21,7 +21,7 @@ def test_help_and_version_import_no_heavy_library():
 import sys
 from loratune.cli import main
 for argv in (["--help"], ["--version"], ["train", "--help"], ["eval", "--help"], ["generate", "--help"],
-             ["merge", "--help"], ["chat", "--help"]):
+             ["merge", "--help"], ["chat", "--help"], ["sweep", "--help"], ["sweep", "--grid", "lora.rr=1"]):
     try:
         main(argv)
     except SystemExit:

@@ -76,7 +76,10 @@ def periodic_eval(run: Run, p: Parts, progress: Progress, tok, held_out: list[Ex
     log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if tc.best_metric not in metrics:
         raise ValueError(f"train.best_metric: '{tc.best_metric}' is not among {sorted(metrics)}")
-    if state["best"] is None or metrics[tc.best_metric] < state["best"] - tc.early_stopping_min_delta:
+    improved = state["best"] is None or metrics[tc.best_metric] < state["best"] - tc.early_stopping_min_delta
+    if run.on_eval and d.main:
+        progress.stop_reason = run.on_eval(progress.step, metrics) or progress.stop_reason
+    if improved:
         state.update(best=metrics[tc.best_metric], best_checkpoint=f"step-{progress.step:06d}",
                      evals_without_improvement=0)
         return True

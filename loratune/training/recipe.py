@@ -12,7 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -67,19 +67,23 @@ log = logging.getLogger("loratune")
 
 
 def train(cfg: Config | dict | str | Path, overwrite: bool = False, resume: bool | None = None,
-          protect: Iterable[str | Path] = ()) -> tuple[Path, dict]:
+          protect: Iterable[str | Path] = (), on_eval: Optional[Callable[[int, dict], Optional[str]]] = None
+          ) -> tuple[Path, dict]:
     """Train a LoRA adapter as `cfg` says (a Config, a dict of its keys, or a YAML file); return the run directory
     and the final metrics.
 
     `resume=True` continues output_dir's newest checkpoint; None follows train.resume. `protect`: paths this run
     reads (the config file); --overwrite never replaces a directory that holds them, nor one that holds the data.
     Under torchrun every process calls this; see loratune.training.distributed for how they share the work.
+    `on_eval(step, metrics)` is called after each periodic eval; a string it returns stops the run there as early
+    stopping does (the run is saved whole, the string is its final `stopped`): how a sweep prunes a poor trial.
     """
     show_logs()
     if not isinstance(cfg, Config):
         protect = [*protect, cfg] if isinstance(cfg, (str, Path)) else protect
         cfg = load_config(cfg)
     run = open_run(cfg, overwrite, resume, protect)
+    run.on_eval = on_eval
     with phases("data"):
         tok = load_tokenizer(cfg.model)
         use_chat_template(tok, cfg.data.chat_template)

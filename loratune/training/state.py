@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -38,6 +38,8 @@ class Run:
     """Examples packed into rows of data.max_length tokens (the fast path, or data.packing)."""
     steps: int = 0
     """Optimizer steps of the whole run."""
+    on_eval: Optional[Callable[[int, dict], Optional[str]]] = None
+    """Told each periodic eval's (step, metrics); a string it returns stops the run (train()'s on_eval)."""
 
 
 @dataclass
