@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 
 import pytest
@@ -122,3 +123,15 @@ def test_estimate_command(tiny_llama_dir, qa_file, tmp_path):
     assert "trainable" in text and "largest micro-batch in 1.00 GiB" in text and "data: 24 examples" in text
     check_bad(["estimate", f"--model.name={tiny_llama_dir}", "--lora.rr=3"], tmp_path, "lora.rr", "lora.r")
     check_bad(["estimate", f"--model.name={tiny_llama_dir}", "--memory", "lots"], tmp_path, "--memory lots")
+
+
+def test_probe_trains_real_steps_in_a_scratch_folder(tiny_llama_dir, qa_file, tmp_path):
+    out = tmp_path / "would-be-run"
+    code, text = run_cli(["estimate", f"--model.name={tiny_llama_dir}", f"--output_dir={out}", "--probe", "4",
+                          f"--data.datasets=[{{path: {qa_file}, format: completion, "
+                          "fields: {prompt: question, response: answer}}]", "--train.max_steps=40"], tmp_path)
+    assert code == 0, text
+    rate, steps, total = re.search(r"time: ([\d,]+) tokens/s measured over (\d+) real steps -> about (\d+) s", text).groups()
+    assert int(steps) == 4 and float(rate.replace(",", "")) > 0 and int(total) > 0
+    assert "measured peak" not in text  # the CPU has no allocator peak to report
+    assert not out.exists()  # the probe's run lives in a scratch folder, not where the real run will go

@@ -304,6 +304,10 @@ def table(cfg: Config, e: Estimate, memory: int | None, data: dict | None, probe
         lines.append(f"time: {probe['tokens_per_s']:,.0f} tokens/s measured over {probe['steps']} real steps -> about "
                      f"{probe['estimate_s']:.0f} s for the run ({probe['first_step_s']:.0f} s to its first step, then "
                      f"{probe['loop_s']:.0f} s of steps)")
+        if probe["peak_gib"] is not None:  # the one number the estimate can't model for a compiled run
+            lines.append(f"measured peak of the probe: {probe['peak_gib']:.2f} GiB"
+                         + (" (compiled: the graphs keep less than eager, so the peak above is an upper bound)"
+                            if probe["compiled"] else ""))
     return "\n".join(lines)
 
 
@@ -337,6 +341,7 @@ def probe(cfg: Config, steps: int, data: dict, packed: bool) -> dict:
         train(dataclasses.replace(cfg, train=tc, output_dir=str(scratch / "run")))
         wall = time.perf_counter() - start
         metrics = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()]
+        peak = json.loads((scratch / "run" / "final_metrics.json").read_text()).get("peak_gpu_gib")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # The first steps capture, compile and warm up; and on the GPU a step's time is known only where the loss came
@@ -347,7 +352,8 @@ def probe(cfg: Config, steps: int, data: dict, packed: bool) -> dict:
     left = max(0.0, data["tokens_per_step"] * data["steps"] - metrics[-1]["tokens"])
     first = wall - (metrics[-1]["elapsed_s"] - metrics[0]["elapsed_s"])
     return {"steps": len(metrics), "tokens_per_s": rate, "estimate_s": wall + left / rate, "first_step_s": first,
-            "loop_s": (data["tokens_per_step"] * data["steps"]) / rate, "probe_wall_s": wall}
+            "loop_s": (data["tokens_per_step"] * data["steps"]) / rate, "probe_wall_s": wall,
+            "peak_gib": peak, "compiled": compile_ == "on"}
 
 
 def device_of(cfg: Config) -> torch.device:
