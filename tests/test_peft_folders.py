@@ -94,3 +94,26 @@ def test_files_of_the_users_own_in_a_peft_folder_are_not_replaced(peft_folder):
     (peft_folder / "adapter" / "eval-qa.json").write_text("{}")
     check_bad(["report", "adapter"], peft_folder, "report.html already exists", "did not make", code=1)
     check_bad(["eval", "adapter", "--file", "qa.jsonl"], peft_folder, "eval-qa.json already exists", "--out", code=1)
+
+
+@pytest.mark.parametrize("targets, embeddings_saved", [(["q_proj", "v_proj"], False), (["q_proj", "embed_tokens"], True)])
+def test_saving_an_adapter_never_asks_the_hub(tiny_llama_dir, tmp_path, monkeypatch, targets, embeddings_saved):
+    """An adapter whose base is a hub id (as every run on the embedded model names it) is saved without peft asking
+    the hub whether the vocabulary was resized (offline: a warning at every checkpoint, behind a firewall a wait);
+    the embeddings are in the file exactly when the adapter targets them."""
+    import peft.utils.save_and_load as peft_saving
+    from safetensors import safe_open
+
+    from loratune.training.checkpoint import save_weights
+
+    def asked(*args, **kwargs):
+        raise AssertionError(f"peft asked the hub: {args}")
+
+    monkeypatch.setattr(peft_saving, "check_file_exists_on_hf_hub", asked)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=targets))
+    model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    save_weights(model, None, tmp_path / "adapter")
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any("lora_A" in k for k in keys)
+    assert any(k.endswith("embed_tokens.base_layer.weight") for k in keys) == embeddings_saved, keys

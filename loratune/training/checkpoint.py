@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from transformers import PreTrainedTokenizerBase
 
 from ..card import card_text, data_report_of
@@ -55,7 +56,7 @@ def save_initial_adapter(model: torch.nn.Module, run_dir: Path) -> None:
     for peft_config in model.peft_config.values():
         peft_config.init_lora_weights = True  # as peft asks: the saved initial adapter is loaded as a plain one
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp-"))  # a kill leaves it to rundir.clear_leftovers
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **embedding_choice(model))
     _replace_dir(tmp, run_dir / INITIAL_ADAPTER)
 
 
@@ -65,9 +66,20 @@ def save_weights(model: torch.nn.Module, tok: Optional[PreTrainedTokenizerBase],
     `state_dict`: the full weights of a sharded (FSDP) model, gathered by every rank. `initial`: a PiSSA/OLoRA run's
     initial adapter, to convert the saved one into an adapter of the original base."""
     extra = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **extra)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **extra, **embedding_choice(model))
     if tok is not None:
         tok.save_pretrained(folder)
+
+
+def embedding_choice(model: torch.nn.Module) -> dict:
+    """peft's default, save_embedding_layers="auto", asks the hub at every save whether the base's vocabulary was
+    resized (it fetches the base's config.json): offline, that is a warning at every checkpoint, and behind a
+    firewall a wait. loratune never resizes the vocabulary, so the answer is known: save the embeddings only when
+    the adapter targets them, as "auto" decides without asking."""
+    if not hasattr(model, "peft_config"):
+        return {}  # full fine-tuning: the whole model is saved
+    targeted = any(name in (c.target_modules or ()) for c in model.peft_config.values() for name in EMBEDDING_LAYER_NAMES)
+    return {"save_embedding_layers": "auto" if targeted else False}
 
 
 def save_run(model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, run_dir: Path, final: dict,
