@@ -10,6 +10,10 @@ in packed 16 x 1024 rows, as throughput.py does. Memory: each case is one train(
 peak is torch.cuda.max_memory_allocated() over the run minus what was allocated before it, the same measure
 `loratune train` reports. Time: `estimate --probe` (20 real steps) against the same config run for --steps steps,
 both timed in-process from the call to its return (the import, about the same for both, is left out).
+
+`--measured FROM.json` runs nothing: it takes the measured peaks of an earlier GPU run and puts this code's
+estimates beside them (the estimate needs no GPU: it is computed from the model's config for a CUDA device), so a
+change to the estimate can be checked on any machine against the same measurements.
 """
 
 from __future__ import annotations
@@ -53,10 +57,19 @@ def memory_case(models: dict, data: Path, tmp: Path, case: str) -> dict:
     before = torch.cuda.memory_allocated()
     train(cfg)
     measured = torch.cuda.max_memory_allocated() - before
-    e = estimate(cfg, torch.device("cuda"))
-    return {"case": case, "estimated_gib": e.peak / 2**30, "measured_gib": measured / 2**30,
-            "error": e.peak / measured - 1, "parts_gib": {k: getattr(e, k) / 2**30 for k in
-                                                           ("weights", "gradients", "optimizer", "activations", "loss")}}
+    return compared(case, estimate(cfg, torch.device("cuda")), measured / 2**30)
+
+
+def compared(case: str, e, measured_gib: float) -> dict:
+    return {"case": case, "estimated_gib": e.peak / 2**30, "measured_gib": measured_gib,
+            "error": e.peak / 2**30 / measured_gib - 1,
+            "parts_gib": {k: getattr(e, k) / 2**30 for k in ("weights", "gradients", "optimizer", "activations", "loss")}}
+
+
+def re_estimate(models: dict, data: Path, tmp: Path, measured: dict) -> dict:
+    """This code's estimate for a case measured earlier (on a GPU that need not be here)."""
+    cfg = case_config(models, data, tmp / measured["case"].replace(":", "-"), measured["case"], max_steps=6)
+    return compared(measured["case"], estimate(cfg, torch.device("cuda")), measured["measured_gib"])
 
 
 def time_case(models: dict, data: Path, tmp: Path, case: str, steps: int) -> dict:
@@ -78,17 +91,23 @@ def main() -> None:
     parser.add_argument("--time-cases", nargs="*", default=["gpt2:lora", "smollm2-135m:lora"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--memory-only", action="store_true")
+    parser.add_argument("--measured", help="a JSON of an earlier run: re-estimate its memory cases, run nothing")
     parser.add_argument("--out")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="estimate-check-"))
     data = tmp / "texts.jsonl"
     write_texts(data, example_lengths(6000))
     models: dict = {}
-    results = {"device": torch.cuda.get_device_name(), "memory": [], "time": []}
-    for case in args.cases:
+    if args.measured:
+        results = {"memory": [re_estimate(models, data, tmp, r) for r in json.loads(Path(args.measured).read_text())
+                              ["memory"]], "time": [], "measured": args.measured}
+        results["device"] = json.loads(Path(args.measured).read_text())["device"]
+    else:
+        results = {"device": torch.cuda.get_device_name(), "memory": [], "time": []}
+    for case in [] if args.measured else args.cases:
         results["memory"].append(memory_case(models, data, tmp, case))
         print(json.dumps(results["memory"][-1]), flush=True)
-    for case in [] if args.memory_only else args.time_cases:
+    for case in [] if args.memory_only or args.measured else args.time_cases:
         results["time"].append(time_case(models, data, tmp, case, args.steps))
         print(json.dumps(results["time"][-1]), flush=True)
     print(f"\n{results['device']}, packed 16 x 1024 rows, bf16 autocast")

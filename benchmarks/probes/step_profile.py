@@ -71,7 +71,7 @@ def profile_train(model_dir: Path, data_file: Path, shape: str, start: int, coun
     kernels: collections.Counter = collections.Counter()
     for e in prof["p"].events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] += e.device_time / 1000 / count  # us over `count` steps -> ms per step
+            kernels[e.name] += e.device_time_total / 1000 / count  # us over `count` steps -> ms per step
     groups: collections.Counter = collections.Counter()
     for name, ms in kernels.items():
         groups[group_of(name)] += ms
