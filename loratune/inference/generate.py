@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..data.examples import Example, collate
+from ..model.load import cache_kwarg
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **{cache_kwarg(model): out.past_key_values})
         next_position = next_position + 1
     return torch.stack(new_tokens, dim=1)
 

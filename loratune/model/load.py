@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import inspect
 import logging
 import os
 import shutil
@@ -302,3 +304,34 @@ def load_adapter(base: PreTrainedModel, run_dir: str | Path) -> PeftModel:
 def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers CausalLM under a peft wrapper (LoRA layers live inside it, in place)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+# transformers 5.2x renamed two things loratune uses, and warns at every use of the old names (removed in 5.40):
+# a forward's `past_key_values` is `cache`, and gradient checkpointing is "activation checkpointing". Older releases
+# know only the old names, so each is picked by what the installed model offers.
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword this model's forward takes its KV cache by."""
+    return _cache_kwarg(type(unwrap_causal_lm(model)))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant gradient checkpointing: it gives the LoRA weights their gradients even though the frozen
+    inputs need none."""
+    base = unwrap_causal_lm(model)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    base = unwrap_causal_lm(model)
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(base, name, False))

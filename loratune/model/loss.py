@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..data.examples import IGNORE
 from .attention import document_mask
-from .load import unwrap_causal_lm
+from .load import cache_kwarg, checkpointing_on, unwrap_causal_lm
 
 # Fewer shared tokens than this are not worth a second backbone call.
 MIN_SHARED_PREFIX = 4
@@ -42,8 +42,8 @@ def backbone_hidden(backbone: torch.nn.Module, batch: dict[str, torch.Tensor], s
     cache = backbone(input_ids=ids[:1, :shared], use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(ids))
     positions = torch.arange(shared, ids.shape[1], device=ids.device).expand(len(ids), -1)
-    rest = backbone(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True).last_hidden_state
+    rest = backbone(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_kwarg(backbone): cache}).last_hidden_state
     return rest, shared
 
 
@@ -57,7 +57,7 @@ def sum_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk:
     """
     causal_lm = unwrap_causal_lm(model)
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    share_prefix = share_prefix and not getattr(causal_lm, "is_gradient_checkpointing", False)  # it drops the cache
+    share_prefix = share_prefix and not checkpointing_on(causal_lm)  # it drops the cache
     hidden, offset = backbone_hidden(backbone, batch, share_prefix)
     targets = batch["labels"][:, offset + 1 :]
     keep = targets != IGNORE

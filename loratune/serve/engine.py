@@ -24,6 +24,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from ..data.examples import Example, collate
+from ..model.load import cache_kwarg
 
 log = logging.getLogger("loratune")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -166,7 +167,7 @@ class Engine:
             b = self.batch
             b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
             logits.append(self._forward(b.rows, input_ids=b.last[:, None], attention_mask=b.mask,
-                                        position_ids=b.position, past_key_values=b.cache)[0])
+                                        position_ids=b.position, **{cache_kwarg(self.model): b.cache})[0])
             b.position = b.position + 1
         if new:  # the newcomers' prompts, then they join
             joining, new_logits = self._prefill(new)

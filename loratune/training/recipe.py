@@ -26,6 +26,7 @@ from ..logs import show_logs
 from ..model.attention import use_packed_attention
 from ..model.load import (
     count_parameters,
+    enable_checkpointing,
     load_base_model,
     load_tokenizer,
     prepare_for_training,
@@ -179,8 +180,7 @@ def build_parts(run: Run, train_set: list[Example]) -> Parts:
     if d.enabled:
         torch.manual_seed(tc.seed + d.rank)  # same initial weights everywhere, but each rank its own dropout masks
     if tc.gradient_checkpointing:
-        # Non-reentrant checkpointing gives the LoRA weights their gradients even though the frozen inputs need none.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     causal_lm = unwrap_causal_lm(model)
     if run.packed:
