@@ -8,6 +8,12 @@ padding) and leaving drops rows, then the columns no row needs any more.
 Requests for different adapters share a forward pass through peft's mixed-adapter batches (`adapter_names`, one
 name per row, "__base__" for the base model). DoRA adapters can't be mixed that way (peft refuses), so with one of
 them loaded the batch holds one model at a time and the others wait their turn.
+
+peft routes a mixed batch by registering a hook on every LoRA layer for the length of one forward call, after two
+walks over all modules: on a 30-layer model that cost more host time than the forward itself, at every decoding
+step. The engine keeps the same hooks registered while its batches are mixed and removes them when a batch holds
+one model (idle hooks still cost a call each); the LoRA layers receive exactly the `adapter_names` argument peft's
+own hooks pass them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PreTrainedTokenizerBase
 
 from ..data.examples import Example, collate
@@ -83,6 +91,10 @@ class Engine:
         # set_adapter took 10 ms and disable_adapter 30 ms per call on a 30-layer model here, as long as the decode
         # step itself), so it changes only when the batch's model does, not at every step.
         self.adapters_on, self.adapter = True, model.active_adapter if self.peft else BASE
+        self.routed = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        self.hooks: list = []
+        self.names: list[str] = []
+        """The adapter name of each row of the current mixed batch, passed to every routed layer by the hooks."""
         self.waiting: deque[Sequence] = deque()
         self.ready = threading.Condition()
         self.batch: Batch | None = None
@@ -142,13 +154,25 @@ class Engine:
     def _forward(self, rows: list[Sequence], **inputs) -> tuple[torch.Tensor, object]:
         """Next-token logits (rows, vocab), each row through its own adapter, and the KV cache."""
         names = [s.adapter for s in rows]
-        mixed = self.mixed and len(set(names)) > 1  # one model in the batch: no per-row routing hooks to pay for
-        if mixed:
-            inputs["adapter_names"] = names
+        mixed = self.mixed and len(set(names)) > 1  # one model in the batch: no per-row routing to pay for
         if self.peft:
             self._switch(None if mixed else names[0])
+            self._route(names if mixed else None)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values
+
+    def _route(self, names: list[str] | None) -> None:
+        """Per-row adapters for a mixed batch (hooks registered when batches become mixed), or none."""
+        self.names = names or []
+        if names and not self.hooks:
+            self.hooks = [m.register_forward_pre_hook(self._pass_names, with_kwargs=True) for m in self.routed]
+        elif not names:
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks = []
+
+    def _pass_names(self, module, args, kwargs):
+        return args, {**kwargs, "adapter_names": self.names}
 
     def _switch(self, name: str | None) -> None:
         """Put the model in the state a batch needs: `name`'s adapter, the base (BASE: adapters off), or, for None,
