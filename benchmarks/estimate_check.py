@@ -99,9 +99,9 @@ def main() -> None:
     write_texts(data, example_lengths(6000))
     models: dict = {}
     if args.measured:
-        results = {"memory": [re_estimate(models, data, tmp, r) for r in json.loads(Path(args.measured).read_text())
-                              ["memory"]], "time": [], "measured": args.measured}
-        results["device"] = json.loads(Path(args.measured).read_text())["device"]
+        earlier = json.loads(Path(args.measured).read_text())
+        results = {"device": earlier["device"], "memory": [re_estimate(models, data, tmp, r) for r in earlier["memory"]],
+                   "time": [], "measured": args.measured}
     else:
         results = {"device": torch.cuda.get_device_name(), "memory": [], "time": []}
     for case in [] if args.measured else args.cases:

@@ -308,7 +308,8 @@ def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 
 # transformers 5.2x renamed two things loratune uses, and warns at every use of the old names (removed in 5.40):
 # a forward's `past_key_values` is `cache`, and gradient checkpointing is "activation checkpointing". Older releases
-# know only the old names, so each is picked by what the installed model offers.
+# know only the old names, so each is picked by what the installed release offers.
+ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointing_enable")
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The keyword this model's forward takes its KV cache by."""
@@ -324,14 +325,12 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant gradient checkpointing: it gives the LoRA weights their gradients even though the frozen
     inputs need none."""
     base = unwrap_causal_lm(model)
-    if hasattr(base, "activation_checkpointing_enable"):
+    if ACTIVATION_CHECKPOINTING:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def checkpointing_on(model: torch.nn.Module) -> bool:
-    base = unwrap_causal_lm(model)
-    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return bool(getattr(base, name, False))
+    name = "is_activation_checkpointing" if ACTIVATION_CHECKPOINTING else "is_gradient_checkpointing"
+    return bool(getattr(unwrap_causal_lm(model), name, False))
