@@ -29,12 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loratune.config import load_config  # noqa: E402
 from loratune.data.examples import collate, load_data  # noqa: E402
+from loratune.model import loss  # noqa: E402
 from loratune.model.load import load_base_model, load_tokenizer, prepare_for_training  # noqa: E402
 from loratune.training.recipe import train  # noqa: E402
 
 # name -> train-config overrides; "auto" is whatever loratune picks on this machine by default.
 SETUPS = {"auto": {}, "padded": {"fast": "off"}, "packed": {"fast": "on"},
-          "padded-bf16": {"fast": "off", "precision": "bf16"}, "packed-bf16": {"fast": "on", "precision": "bf16"}}
+          "padded-bf16": {"fast": "off", "precision": "bf16"}, "packed-bf16": {"fast": "on", "precision": "bf16"},
+          "auto-padded-rows": {}}
+# Setups that change a loss constant for their runs: "auto-padded-rows" keeps every batch in padded rows (the
+# shared prefix through a KV cache, as before one_row), to compare both layouts in one process.
+ONE_ROW_MAX_TOKENS = {"auto-padded-rows": 0}
 
 
 def run_peer(cfg, tok, train_set, steps: int, warmup: int) -> float:
@@ -80,10 +85,12 @@ def main() -> None:
     train_set = load_data(cfg.data, tok, cfg.train.seed)[0]
     tmp = Path(tempfile.mkdtemp())
     rates: dict[str, list[float]] = {"peer": [], **{s: [] for s in args.setups}}
+    one_row_default = loss.ONE_ROW_MAX_TOKENS
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         rates["peer"].append(run_peer(cfg, tok, train_set, args.steps, args.warmup))
         for name in args.setups:
+            loss.ONE_ROW_MAX_TOKENS = ONE_ROW_MAX_TOKENS.get(name, one_row_default)
             rates[name].append(run_loratune(cfg, SETUPS[name], args.steps, args.warmup, tmp / name))
         print({k: [round(v) for v in vs] for k, vs in rates.items()}, flush=True)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -100,7 +107,7 @@ def format_table(results: dict) -> str:
              f"{results['load_avg_1min'][0]:.1f} before / {results['load_avg_1min'][1]:.1f} after", "",
              "| setup | tokens/s (median) | per round | ÷ peer |", "|---|---:|---|---:|"]
     for name, values in results["tokens_per_s"].items():
-        label = "peer: plain peft loop, padded b8" if name == "peer" else f"loratune {name} {SETUPS[name] or ''}"
+        label = "peer: plain peft loop, padded b8" if name == "peer" else f"loratune {name} {SETUPS.get(name) or ''}"
         mid = statistics.median(values)
         lines.append(f"| {label} | {mid:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | {mid / peer:.2f}x |")
     return "\n".join(lines)

@@ -155,7 +155,7 @@ def test_fsdp_matches_one_process_and_resumes(runs, tmp_path):
     assert losses(fsdp) == pytest.approx(losses(one), rel=1e-5)
     assert eval_losses(fsdp) == pytest.approx(eval_losses(one), rel=1e-5)
     for name, weight in adapter(one).items():  # gathered from the shards into an ordinary PEFT adapter
-        # atol 1e-5: one process runs its batches' shared prefix once (loss.backbone_hidden), FSDP runs every row whole:
+        # atol 1e-5: one process runs its batches as one row, shared prefix once (loss.trained_hidden); FSDP runs every row whole:
         # the same sums, rounded differently
         torch.testing.assert_close(adapter(fsdp)[name], weight, rtol=1e-5, atol=1e-5)
 

@@ -139,8 +139,9 @@ def test_report_is_one_self_contained_page(run, tmp_path):
     assert "<summary>config.yaml</summary>" in page and "qa.jsonl: " in page  # config and data mix
 
 
+@pytest.mark.parametrize("check_every", [1, 4])  # finished rows leave the batch at once, or 4 tokens later
 @pytest.mark.parametrize("arch_dir", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_dir, request):
+def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_dir, check_every, request):
     from loratune.data.examples import Example, collate
     from loratune.inference.generate import greedy_decode
 
@@ -152,7 +153,7 @@ def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_di
     eos = int(first[1, -1])  # row 1 stops at once: finished rows must continue with pad
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                               pad_token_id=0, eos_token_id=eos)[:, ids.shape[1]:]
-    got = greedy_decode(model, ids, mask, max_new_tokens=12, eos_id=eos, pad_id=0, check_every=4)
+    got = greedy_decode(model, ids, mask, max_new_tokens=12, eos_id=eos, pad_id=0, check_every=check_every)
     assert got[:, : expected.shape[1]].tolist() == expected.tolist()
     assert (got[:, expected.shape[1]:] == 0).all()  # decoding past the common end only adds pad
     assert got[1, 0] == eos and (got[1, 1:] == 0).all()

@@ -77,41 +77,53 @@ def test_generation_bytes_count_the_cache_of_every_layer(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gpt2_dir"])
-def test_shared_prefix_runs_once_and_changes_nothing(arch, request):
-    """A prefix every row shares (a system prompt) runs once per batch: same loss and gradients, fewer tokens."""
+def test_every_batch_layout_gives_the_plain_forwards_loss_and_gradients(arch, request, monkeypatch):
+    """One row without padding (with and without the shared prefix once) and padded rows continuing a shared
+    prefix's cache: the loss and gradients of the plain padded forward, from fewer tokens through the model."""
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from loratune.config import LoraConfig
     from loratune.data.examples import IGNORE, Example, collate
+    from loratune.model import loss
     from loratune.model.load import prepare_for_training, unwrap_causal_lm
-    from loratune.model.loss import shared_prefix_len, sum_token_nll
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), dtype=torch.float32)
-    # eval(): no dropout (tiny GPT-2 has some), so both ways compute the same function
+    # eval(): no dropout (tiny GPT-2 has some), so every layout computes the same function
     model = prepare_for_training(model, "lora", LoraConfig(r=4, dropout=0.0, target_modules="all-linear")).eval()
     prefix = [40, 41, 42, 43, 44, 45, 46]
     rows = [[50, 51, 52, 53], [60, 61, 62, 63, 64, 65, 66], [70, 71, 72]]
     examples = [Example(prefix + r, [IGNORE] * (len(prefix) + 1) + r[1:], {}) for r in rows]
     batch = collate(examples, pad_id=0)
-    assert shared_prefix_len(batch) == len(prefix)
-    embed = unwrap_causal_lm(model).get_input_embeddings()
+    assert loss.shared_prefix_len(batch) == len(prefix)
+    causal_lm = unwrap_causal_lm(model)
     seen = []
-    embed.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    causal_lm.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
     params = [p for p in model.parameters() if p.requires_grad]
-    results = []
-    for share in (False, True):
+
+    def run(nll_fn):
         seen.clear()
         for p in params:
             p.grad = None
-        nll, count = sum_token_nll(model, batch, share_prefix=share)
+        nll = nll_fn()
         nll.backward()
-        results.append((nll.detach(), count, [p.grad.clone() for p in params], sum(seen)))
-    (plain, n_plain, g_plain, t_plain), (shared, n_shared, g_shared, t_shared) = results
-    assert n_plain == n_shared == sum(len(r) - 1 for r in rows)
-    assert t_shared == batch["input_ids"].numel() - (len(rows) - 1) * len(prefix)  # the prefix ran once
-    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_shared, g_plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        return nll.detach(), [p.grad.clone() for p in params], sum(seen)
+
+    def plain():
+        logits = causal_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+
+    reference, reference_grads, _ = run(plain)
+    real = int(batch["attention_mask"].sum())
+    layouts = {"one row, prefix once": (True, 1024, real - 2 * len(prefix)), "one row": (False, 1024, real),
+               "padded, prefix cache": (True, 0, batch["input_ids"].numel() - 2 * len(prefix))}
+    for name, (share, cap, tokens) in layouts.items():
+        monkeypatch.setattr(loss, "ONE_ROW_MAX_TOKENS", cap)
+        nll, grads, through = run(lambda: loss.sum_token_nll(model, batch, share_prefix=share)[0])
+        assert through == tokens, name
+        torch.testing.assert_close(nll, reference, rtol=1e-5, atol=1e-5, msg=name)
+        for a, b in zip(grads, reference_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_no_shared_prefix_where_a_shared_token_trains():

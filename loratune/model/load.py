@@ -316,6 +316,12 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return _cache_kwarg(type(unwrap_causal_lm(model)))
 
 
+def output_cache(model: torch.nn.Module, out) -> object:
+    """The KV cache a forward with use_cache=True returned, under the same name as cache_kwarg (reading the old
+    name on transformers 5 logs a deprecation warning)."""
+    return getattr(out, cache_kwarg(model))
+
+
 @functools.cache
 def _cache_kwarg(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"

@@ -302,8 +302,8 @@ def table(cfg: Config, e: Estimate, memory: int | None, data: dict | None, probe
                      f"epoch), about {data['tokens_per_step']:,.0f} tokens per step")
     if probe:
         lines.append(f"time: {probe['tokens_per_s']:,.0f} tokens/s measured over {probe['steps']} real steps -> about "
-                     f"{probe['estimate_s']:.0f} s for the run ({probe['first_step_s']:.0f} s to its first step, then "
-                     f"{probe['loop_s']:.0f} s of steps)")
+                     f"{_seconds(probe['estimate_s'])} for the run ({_seconds(probe['first_step_s'])} to its first "
+                     f"step, then {_seconds(probe['loop_s'])} of steps)")
         if probe["peak_gib"] is not None:  # the one number the estimate can't model for a compiled run
             lines.append(f"measured peak of the probe: {probe['peak_gib']:.2f} GiB"
                          + (" (compiled: the graphs keep less than eager, so the peak above is an upper bound)"
@@ -387,3 +387,7 @@ def check_fits(cfg: Config) -> None:
         log.warning("this run needs about %s and %s has %s free: it will likely run out of memory. Lower "
                     "train.batch_size or data.max_length, or set train.gradient_checkpointing=true "
                     "(`loratune estimate CONFIG --memory SIZE` says what fits)", gib(e.peak), device, gib(free))
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 10 else f"{s:,.0f} s"  # a tiny run is not "about 0 s"

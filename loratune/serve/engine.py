@@ -32,7 +32,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PreTrainedTokenizerBase
 
 from ..data.examples import Example, collate
-from ..model.load import cache_kwarg
+from ..model.load import cache_kwarg, output_cache
 
 log = logging.getLogger("loratune")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -159,7 +159,7 @@ class Engine:
             self._switch(None if mixed else names[0])
             self._route(names if mixed else None)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), output_cache(self.model, out)
 
     def _route(self, names: list[str] | None) -> None:
         """Per-row adapters for a mixed batch (hooks registered when batches become mixed), or none."""
