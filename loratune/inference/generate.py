@@ -8,23 +8,34 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.examples import Example, collate
 from ..model.load import cache_kwarg, output_cache
+from ..model.loss import MIN_SHARED_PREFIX
 
 
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  eos_id: int, pad_id: int, check_every: int | None = None, bar: tqdm | None = None) -> torch.Tensor:
+                  eos_id: int, pad_id: int, check_every: int | None = None, bar: tqdm | None = None,
+                  prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy continuation of a left-padded batch with the KV cache: (batch, <= max_new_tokens) new token ids.
 
     The same tokens as `generate(do_sample=False)`, without its per-token host sync: which rows have finished is
     asked only every `check_every` tokens (default: every token on the CPU, where asking is free, every 8 on a GPU,
     so its queue never drains between tokens). Finished rows leave the batch then, cache included: the rows still
     going cost less per token (on the CPU, compute is proportional to rows). Finished rows are filled with `pad_id`.
-    `bar` advances by one per decoding step (host-side only, no sync).
+    `bar` advances by one per decoding step (host-side only, no sync). `prefix`: token ids that come before every
+    row's own tokens, run once for the whole batch and shared through the cache (a chat template's system prompt is
+    most of a short prompt).
     """
     check_every = check_every or (1 if input_ids.device.type == "cpu" else 8)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's positions start at 0
+    shared = {}
+    if prefix is not None:
+        cache = output_cache(model, model(input_ids=prefix[None], use_cache=True, logits_to_keep=1))
+        cache.batch_repeat_interleave(len(input_ids))
+        # The rows' padding now sits between the prefix and their own tokens: masked, and skipped by the positions.
+        attention_mask = torch.cat([attention_mask.new_ones(len(input_ids), len(prefix)), attention_mask], dim=1)
+        positions, shared = positions + len(prefix), {cache_kwarg(model): cache}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=1, **shared)
     cache, next_position = output_cache(model, out), positions[:, -1:] + 1
     new_tokens = input_ids.new_full((len(input_ids), max_new_tokens), pad_id)
     rows = torch.arange(len(input_ids), device=input_ids.device)  # the batch rows still decoding
@@ -51,6 +62,16 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return new_tokens[:, : i + 1]
 
 
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """Leading tokens every prompt shares, each keeping at least one of its own (its last position's logits come
+    from the batch's forward); 0 where fewer than MIN_SHARED_PREFIX or only one prompt."""
+    if len(prompts) < 2:
+        return 0
+    first, most = prompts[0], min(len(p) for p in prompts) - 1
+    n = next((i for i in range(most) if any(p[i] != first[i] for p in prompts)), most)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 @torch.no_grad()
 def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
                    max_new_tokens: int, batch_size: int = 16, desc: str = "generate", **generate_kwargs) -> list[str]:
@@ -65,14 +86,19 @@ def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
     bar = tqdm(total=n_batches * max_new_tokens, desc=desc, unit="tok step", leave=False, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate([Example(prompts[i], prompts[i], {}) for i in idx], tok.pad_token_id, pad_left=True)
+        sampled = do_sample or bool(generate_kwargs)
+        shared = 0 if sampled else shared_prefix_len([prompts[i] for i in idx])
+        batch = collate([Example(prompts[i][shared:], prompts[i][shared:], {}) for i in idx], tok.pad_token_id,
+                        pad_left=True)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if do_sample or generate_kwargs:
+        if sampled:
             new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, do_sample=do_sample,
                                  **generate_kwargs)[:, ids.shape[1]:]
         else:
-            new = greedy_decode(model, ids, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id, bar=bar)
+            prefix = torch.tensor(prompts[idx[0]][:shared], device=device) if shared else None
+            new = greedy_decode(model, ids, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id, bar=bar,
+                                prefix=prefix)
         bar.update(start // batch_size * max_new_tokens + max_new_tokens - bar.n)  # this batch's steps, all done
         for row, i in enumerate(idx):
             texts[i] = tok.decode(new[row], skip_special_tokens=True).strip()
