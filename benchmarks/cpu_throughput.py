@@ -107,7 +107,7 @@ def format_table(results: dict) -> str:
              f"{results['load_avg_1min'][0]:.1f} before / {results['load_avg_1min'][1]:.1f} after", "",
              "| setup | tokens/s (median) | per round | ÷ peer |", "|---|---:|---|---:|"]
     for name, values in results["tokens_per_s"].items():
-        label = "peer: plain peft loop, padded b8" if name == "peer" else f"loratune {name} {SETUPS.get(name) or ''}"
+        label = "peer: plain peft loop, padded b8" if name == "peer" else f"loratune {name} {SETUPS[name] or ''}"
         mid = statistics.median(values)
         lines.append(f"| {label} | {mid:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | {mid / peer:.2f}x |")
     return "\n".join(lines)

@@ -16,4 +16,4 @@ s=$(now); $py -m loratune train --overwrite > "/tmp/demo-$label-train.log" 2>&1;
 $py -m loratune eval runs/demo --samples 4 > "/tmp/demo-$label-eval.log" 2>&1; e2=$(now)
 $py -m loratune report runs/demo > "/tmp/demo-$label-report.log" 2>&1; e3=$(now)
 awk -v l="$label" -v s="$s" -v a="$e1" -v b="$e2" -v c="$e3" -v load="$(cut -d' ' -f1 /proc/loadavg)" \
-  'BEGIN { printf "%s train %.1f eval %.1f report %.1f total %.1f load %s\n", l, a - s, b - a, c - b, c - s, load }' 
+  'BEGIN { printf "%s train %.1f eval %.1f report %.1f total %.1f load %s\n", l, a - s, b - a, c - b, c - s, load }'

@@ -162,14 +162,14 @@ def test_greedy_decode_matches_generate_with_left_padding_and_early_stop(arch_di
 @pytest.mark.parametrize("arch_dir", ["tiny_gpt2_dir", "tiny_llama_dir"])
 def test_a_prefix_every_prompt_shares_runs_once_and_changes_no_token(arch_dir, request):
     from loratune.data.examples import Example, collate
-    from loratune.inference.generate import greedy_decode, shared_prefix_len
+    from loratune.inference.generate import common_prefix_len, greedy_decode
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch_dir)).eval()
     system = [21, 22, 23, 24, 25, 26]
     prompts = [system + [5, 6, 7, 8, 9], system + [11], system + [13, 14, 15]]
-    assert shared_prefix_len(prompts) == len(system)
-    assert shared_prefix_len([system + [5], system[:3] + [9, 9, 9]]) == 0  # 3 shared tokens: not worth a forward
-    assert shared_prefix_len([system + [5]]) == 0
+    assert common_prefix_len(prompts) == len(system)
+    assert common_prefix_len([system + [5], system[:3] + [9, 9, 9]]) == 0  # 3 shared tokens: not worth a forward
+    assert common_prefix_len([system + [5]]) == 0
     full = collate([Example(p, p, {}) for p in prompts], pad_id=0, pad_left=True)
     expected = model.generate(input_ids=full["input_ids"], attention_mask=full["attention_mask"], max_new_tokens=10,
                               do_sample=False, pad_token_id=0, eos_token_id=-1)[:, full["input_ids"].shape[1]:]

@@ -62,9 +62,10 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return new_tokens[:, : i + 1]
 
 
-def shared_prefix_len(prompts: list[list[int]]) -> int:
+def common_prefix_len(prompts: list[list[int]]) -> int:
     """Leading tokens every prompt shares, each keeping at least one of its own (its last position's logits come
-    from the batch's forward); 0 where fewer than MIN_SHARED_PREFIX or only one prompt."""
+    from the batch's forward); 0 where fewer than MIN_SHARED_PREFIX or only one prompt. (Training's
+    loss.shared_prefix_len also stops before the first trained token; prompts have none.)"""
     if len(prompts) < 2:
         return 0
     first, most = prompts[0], min(len(p) for p in prompts) - 1
@@ -84,10 +85,10 @@ def generate_batch(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts
     texts: dict[int, str] = {}
     n_batches = -(-len(order) // batch_size)
     bar = tqdm(total=n_batches * max_new_tokens, desc=desc, unit="tok step", leave=False, dynamic_ncols=True)
+    sampled = do_sample or bool(generate_kwargs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        sampled = do_sample or bool(generate_kwargs)
-        shared = 0 if sampled else shared_prefix_len([prompts[i] for i in idx])
+        shared = 0 if sampled else common_prefix_len([prompts[i] for i in idx])
         batch = collate([Example(prompts[i][shared:], prompts[i][shared:], {}) for i in idx], tok.pad_token_id,
                         pad_left=True)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
